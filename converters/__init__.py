@@ -1,0 +1,1 @@
+"""Family converters, one module each; ``ggraft.converter.discover`` imports them all."""

@@ -1,0 +1,1 @@
+"""ggraft's command line: ``main`` wires the ``*_cmd`` modules of this package."""

@@ -1,0 +1,15 @@
+"""Typed options shared by several commands, written once."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+Force = Annotated[bool, typer.Option("--force", help="Overwrite the output if it exists.")]
+Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+OutType = Annotated[str, typer.Option("--outtype", help="Tensor type of the output: f32, f16, bf16 or q8_0.")]
+Output = Annotated[Path, typer.Option("-o", "--output", help="Output file.")]
+Threads = Annotated[int | None, typer.Option("--threads", help="CPU threads (default: all cores).")]
+TextGguf = Annotated[Path, typer.Argument(help="The text model GGUF.")]
+MmprojGguf = Annotated[Path, typer.Argument(help="The mmproj GGUF.")]

@@ -1,0 +1,44 @@
+"""ggraft verify HF_DIR MMPROJ.gguf"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from . import output
+from .options import Json, Threads
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def verify(hf_dir: Annotated[Path, typer.Argument(help="Hugging Face checkpoint folder.")],
+               mmproj: Annotated[Path, typer.Argument(help="The mmproj GGUF converted from it.")],
+               text: Annotated[Optional[Path], typer.Option("--text", help="Text GGUF to load alongside.")] = None,
+               threads: Threads = None, json: Json = False) -> None:
+        """Compare the mmproj's image embeddings in llama.cpp with transformers' on the same pixels.
+        Exit 1 below the bar for the file's type (cos 0.9999 f32, 0.999 f16/bf16, 0.99 q8_0)."""
+        from ..verify import verify as run
+
+        report = run(hf_dir, mmproj, text=text, n_threads=threads)
+        if json:
+            output.emit_json(report.to_dict())
+        else:
+            render(report)
+        raise typer.Exit(0 if report.passed else 1)
+
+
+def render(report) -> None:
+    h, w = report.image_size
+    output.stdout.print(f"{report.mmproj}: projector {report.projector_type}, {report.outtype}, image {w}x{h}")
+    if report.result is None:
+        output.stdout.print(f"FAIL: {report.problem}")
+        return
+    r = report.result
+    verdict = "PASS" if report.passed else "FAIL"
+    output.stdout.print(f"{verdict}: {r.tokens} tokens, min cosine {r.min_cosine:.6f} (bar {report.bar}), "
+                        f"mean {r.mean_cosine:.6f}, max relative error {r.max_rel_error:.2e}")
+    if report.runtime_note:
+        rr = report.runtime_result
+        output.stdout.print(f"note: {report.runtime_note}; against transformers run that way: "
+                            f"min cosine {rr.min_cosine:.6f}, max relative error {rr.max_rel_error:.2e}")

@@ -1,0 +1,188 @@
+"""The shape of a converter, and the one registry of them.
+
+A converter turns the vision side of one family of Hugging Face checkpoints into mmproj
+tensors and keys.  It holds only what is special about its family: which architectures it
+takes, its projector type, its hyper-parameters, how its checkpoint names map to GGUF names
+(mostly through gguf-py's ``TensorNameMap``) and what must be reshaped.  The shared writer
+(``ggraft.mmproj``) does the rest.
+
+Converter modules live in ``ggraft.converters`` and are found by ``discover()``; the core
+never imports one by name.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterator
+
+import gguf
+import numpy as np
+from gguf.lazy import LazyNumpyTensor
+
+from .checkpoint import Checkpoint
+from .errors import InputError, UnsupportedModelError
+
+Lazy = LazyNumpyTensor
+
+
+@dataclass
+class VisionParams:
+    """The ``clip.vision.*`` hyper-parameters every vision mmproj carries."""
+
+    image_size: int
+    patch_size: int
+    embedding_length: int
+    feed_forward_length: int
+    block_count: int
+    head_count: int
+    layer_norm_eps: float
+    projection_dim: int
+    image_mean: list[float]
+    image_std: list[float]
+    use_gelu: bool = False
+    use_silu: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)  # family keys, written by the family
+
+
+class Converter:
+    """Base of every family converter; see the module docstring."""
+
+    architectures: ClassVar[tuple[str, ...]] = ()
+    projector_type: ClassVar[str] = ""
+    family: ClassVar[str] = ""
+    #: boundary/placeholder tokens this family's text models carry (for audit and the README)
+    image_tokens: ClassVar[tuple[str, ...]] = ()
+    #: checkpoint name prefixes that belong to the vision side; anything else is ignored
+    vision_prefixes: ClassVar[tuple[str, ...]] = ("vision_tower.", "multi_modal_projector.")
+    #: (alias, canonical) prefix rewrites so every saved layout maps onto TensorNameMap's names
+    layout_aliases: ClassVar[tuple[tuple[str, str], ...]] = ()
+
+    def __init__(self, ckpt: Checkpoint):
+        self.ckpt = ckpt
+        self.config = ckpt.config
+        self.vision_config: dict[str, Any] = ckpt.config.get("vision_config") or {}
+        self.text_config: dict[str, Any] = ckpt.config.get("text_config") or {}
+
+    # -- what a family provides --------------------------------------------------------
+    @classmethod
+    def refuses(cls, config: dict[str, Any]) -> str | None:
+        """Why this converter cannot take a checkpoint of one of its architectures (None: it can)."""
+        return None
+
+    def params(self) -> VisionParams:
+        raise NotImplementedError
+
+    def skip(self, canonical: str) -> bool:
+        """True for a vision-side tensor the family deliberately leaves out of the mmproj."""
+        return False
+
+    def rename(self, canonical: str) -> str | None:
+        """GGUF name for a canonical checkpoint name (None: unmappable, which is an error).
+        The default asks gguf-py's TensorNameMap."""
+        return self.name_map.get_name(canonical, try_suffixes=(".weight", ".bias"))
+
+    def modify(self, gguf_name: str, tensor: Lazy) -> Iterator[tuple[str, Lazy]]:
+        """Reshape, split or fuse one tensor; the default passes it through."""
+        yield gguf_name, tensor
+
+    def extra_tensors(self) -> Iterator[tuple[str, Lazy]]:
+        """Tensors that do not come from the vision side (e.g. Pixtral's [IMG_BREAK] row)."""
+        return iter(())
+
+    def test_image_size(self) -> tuple[int, int]:
+        """(height, width) of an image this family takes without resizing."""
+        size = self.params().image_size
+        return size, size
+
+    def reference_features(self, model: Any, pixel_values: Any) -> Any:
+        """transformers' image features for ``pixel_values`` (1, 3, H, W); used by verify."""
+        return model.get_image_features(pixel_values=pixel_values)
+
+    #: what ``runtime_reference`` emulates: a known way the llama.cpp runtime departs from transformers
+    runtime_note: ClassVar[str | None] = None
+
+    def runtime_reference(self, model: Any, pixel_values: Any) -> Any:
+        """transformers' modules run the way the installed llama.cpp runtime runs this family,
+        where that is known to differ (``runtime_note``); None when it is not known to."""
+        return None
+
+    def llama_rows(self, rows: np.ndarray) -> np.ndarray:
+        """llama.cpp's output rows that correspond to transformers' features (default: all)."""
+        return rows
+
+    # -- shared machinery --------------------------------------------------------------
+    @property
+    def name_map(self) -> gguf.TensorNameMap:
+        if not hasattr(self, "_name_map"):
+            self._name_map = gguf.TensorNameMap(gguf.MODEL_ARCH.MMPROJ, self.params().block_count)
+        return self._name_map
+
+    def canonical(self, name: str) -> str:
+        for alias, canonical in self.layout_aliases:
+            if name.startswith(alias):
+                return canonical + name[len(alias):]
+        return name
+
+    def lazy(self, name: str) -> Lazy:
+        """A checkpoint tensor as a lazy numpy tensor: nothing is read until it is written."""
+        entry = self.ckpt.entries[name]
+        meta = Lazy.meta_with_dtype_and_shape(entry.numpy_dtype, entry.shape)
+        return Lazy(meta=meta, args=(name,), func=self.ckpt.load)
+
+    def tensors(self) -> Iterator[tuple[str, Lazy]]:
+        """(gguf name, lazy tensor) for every tensor of the mmproj, in checkpoint order."""
+        for name in self.ckpt.names():
+            canonical = self.canonical(name)
+            if not canonical.startswith(self.vision_prefixes) or self.skip(canonical):
+                continue
+            gguf_name = self.rename(canonical)
+            if gguf_name is None:
+                raise UnsupportedModelError(
+                    f"{self.ckpt.path}: cannot map tensor {name!r} to an mmproj tensor ({self.family} converter)"
+                )
+            yield from self.modify(gguf_name, self.lazy(name))
+        yield from self.extra_tensors()
+
+
+REGISTRY: dict[str, list[type[Converter]]] = {}
+
+
+def register(cls: type[Converter]) -> type[Converter]:
+    """Class decorator: make a converter available for its HF architectures."""
+    for arch in cls.architectures:
+        REGISTRY.setdefault(arch, []).append(cls)
+    return cls
+
+
+def discover() -> dict[str, list[type[Converter]]]:
+    """Import every module of ``ggraft.converters`` once, so their @register runs."""
+    package = importlib.import_module("ggraft.converters")
+    for mod in pkgutil.iter_modules(package.__path__):
+        if not mod.name.startswith("_"):
+            importlib.import_module(f"{package.__name__}.{mod.name}")
+    return REGISTRY
+
+
+def converter_for(ckpt: Checkpoint) -> Converter:
+    """The converter for a checkpoint, or an error naming the architecture and the supported ones."""
+    registry = discover()
+    arch = ckpt.architecture
+    candidates = registry.get(arch, [])
+    reasons = [r for cls in candidates if (r := cls.refuses(ckpt.config))]
+    for cls in candidates:
+        if cls.refuses(ckpt.config) is None:
+            return cls(ckpt)
+    if reasons:
+        raise UnsupportedModelError(f"{ckpt.path}: {arch}: {reasons[0]}")
+    supported = ", ".join(sorted(registry))
+    raise UnsupportedModelError(f"{ckpt.path}: unsupported architecture {arch!r}; supported: {supported}")
+
+
+def preprocessing(ckpt: Checkpoint, default_mean: list[float], default_std: list[float]) -> tuple[list[float], list[float]]:
+    """image_mean / image_std from preprocessor_config.json, else the family's defaults."""
+    pre = ckpt.preprocessor_config
+    mean, std = pre.get("image_mean", default_mean), pre.get("image_std", default_std)
+    if len(mean) != 3 or len(std) != 3:
+        raise InputError(f"{ckpt.path}: preprocessor image_mean/image_std must have 3 values")
+    return [float(x) for x in mean], [float(x) for x in std]

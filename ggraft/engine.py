@@ -1,0 +1,147 @@
+"""llama.cpp through llama-cpp-python: quiet, with its log captured, and its refusals turned
+into one-line ``EngineError``s (instead of "Failed to load mtmd context").
+
+``VisionEncoder`` runs an mmproj on RGB pixels through the mtmd bindings
+(``mtmd_tokenize_from_parts`` → ``mtmd_encode_chunk`` → ``mtmd_get_output_embd``) and returns
+the image embeddings llama.cpp would feed the text model.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import sys
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+
+from .errors import EngineError
+
+_LOG: deque[tuple[int, str]] = deque(maxlen=400)
+_LEVEL_ERROR, _LEVEL_CONT = 3, 5
+_callbacks: list = []  # keep ctypes callbacks alive
+_last_level = 1
+_ERROR_WORDS = re.compile(r"error|mismatch|unable|failed|invalid|not supported|unknown|missing", re.I)
+
+
+def _install_log_capture() -> None:
+    """Route llama.cpp's and mtmd's log into ``_LOG`` (echoed on stderr with GGRAFT_VERBOSE=1)."""
+    if _callbacks:
+        return
+    import llama_cpp
+    from llama_cpp import mtmd_cpp
+
+    verbose = os.environ.get("GGRAFT_VERBOSE") == "1"
+
+    @llama_cpp.llama_log_callback
+    def capture(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+        global _last_level
+        level = _last_level if level == _LEVEL_CONT else level
+        _last_level = level
+        line = text.decode("utf-8", errors="replace") if text else ""
+        _LOG.append((level, line))
+        if verbose:
+            print(line, end="", file=sys.stderr, flush=True)
+
+    _callbacks.append(capture)
+    llama_cpp.llama_log_set(capture, ctypes.c_void_p(0))
+    mtmd_cpp.mtmd_log_set(capture, ctypes.c_void_p(0))
+    mtmd_cpp.mtmd_helper_log_set(capture, ctypes.c_void_p(0))
+
+
+def clear_log() -> None:
+    _LOG.clear()
+
+
+def log_reason(default: str) -> str:
+    """The most telling line llama.cpp logged since ``clear_log`` (errors first)."""
+    lines = [(lvl, " ".join(t.split())) for lvl, t in _LOG if t.strip()]
+    errors = [t for lvl, t in lines if lvl == _LEVEL_ERROR]
+    for t in reversed(errors):  # prefer the specific cause over the generic "failed to load"
+        if not re.search(r"failed to load|error loading model$", t, re.I):
+            return t
+    if errors:
+        return errors[-1]
+    worded = [t for _, t in lines if _ERROR_WORDS.search(t)]
+    return worded[-1] if worded else default
+
+
+def load_text_model(path: str | Path, vocab_only: bool = True, n_gpu_layers: int = 0):
+    """A ``llama_model *`` for a text GGUF (only the vocab and hyper-parameters by default)."""
+    import llama_cpp
+
+    _install_log_capture()
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = vocab_only
+    params.n_gpu_layers = n_gpu_layers
+    clear_log()
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        raise EngineError(f"{path}: llama.cpp could not load the text model: {log_reason('unknown reason')}")
+    return model
+
+
+def free_text_model(model) -> None:
+    import llama_cpp
+
+    if model:
+        llama_cpp.llama_model_free(model)
+
+
+class VisionEncoder:
+    """An mmproj loaded in llama.cpp, ready to turn images into embeddings."""
+
+    def __init__(self, mmproj: str | Path, text_model=None, n_threads: int | None = None, use_gpu: bool = False):
+        from llama_cpp import mtmd_cpp
+
+        _install_log_capture()
+        self._mtmd = mtmd_cpp
+        params = mtmd_cpp.mtmd_context_params_default()
+        params.use_gpu = use_gpu
+        params.print_timings = False
+        params.warmup = False
+        params.n_threads = n_threads or max(1, os.cpu_count() or 1)
+        clear_log()
+        self.ctx = mtmd_cpp.mtmd_init_from_file(str(mmproj).encode(), text_model, params)
+        if not self.ctx:
+            raise EngineError(f"{mmproj}: llama.cpp refused the mmproj: {log_reason('unknown reason')}")
+
+    def encode(self, rgb: np.ndarray, n_embd: int) -> np.ndarray:
+        """Embeddings (n_tokens, n_embd) for an RGB uint8 image of shape (H, W, 3)."""
+        m = self._mtmd
+        rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+        h, w, _ = rgb.shape
+        buf = (ctypes.c_uint8 * rgb.size).from_buffer_copy(rgb.tobytes())
+        bitmap = m.mtmd_bitmap_init(w, h, buf)
+        chunks = m.mtmd_input_chunks_init()
+        try:
+            part = m.mtmd_input_part(text=None, bitmap=bitmap)
+            parts = (ctypes.POINTER(m.mtmd_input_part) * 1)(ctypes.pointer(part))
+            clear_log()
+            if m.mtmd_tokenize_from_parts(self.ctx, chunks, parts, 1, False) != 0:
+                raise EngineError(f"llama.cpp could not prepare the image: {log_reason('tokenize failed')}")
+            for i in range(m.mtmd_input_chunks_size(chunks)):
+                chunk = m.mtmd_input_chunks_get(chunks, i)
+                if m.mtmd_input_chunk_get_type(chunk) != m.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                    continue
+                if m.mtmd_encode_chunk(self.ctx, chunk) != 0:
+                    raise EngineError(f"llama.cpp could not encode the image: {log_reason('encode failed')}")
+                n_tokens = m.mtmd_input_chunk_get_n_tokens(chunk)
+                out = m.mtmd_get_output_embd(self.ctx)
+                return np.ctypeslib.as_array(out, shape=(n_tokens * n_embd,)).reshape(n_tokens, n_embd).copy()
+            raise EngineError("llama.cpp produced no image chunk")
+        finally:
+            m.mtmd_input_chunks_free(chunks)
+            m.mtmd_bitmap_free(bitmap)
+
+    def close(self) -> None:
+        if self.ctx:
+            self._mtmd.mtmd_free(self.ctx)
+            self.ctx = None
+
+    def __enter__(self) -> "VisionEncoder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
