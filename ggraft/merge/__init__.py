@@ -1,0 +1,1 @@
+"""Task-vector merging of language backbones (HF safetensors and GGUF)."""

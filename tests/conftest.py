@@ -1,0 +1,82 @@
+"""Shared test fixtures: the tiny models (built once into .cache/fixtures) and a CLI runner.
+
+Family fixtures live in ``fixtures/<family>.py`` (each with ``build() -> Path``); tests get
+them through the session fixtures below or by calling ``build()`` directly.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the fixtures package sits at the repo root
+
+
+@dataclass
+class CliResult:
+    code: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args: str | Path, cwd: Path | None = None, timeout: int = 600) -> CliResult:
+    """Run the installed ``ggraft`` command in a subprocess (as a user would)."""
+    exe = Path(sys.executable).with_name("ggraft")
+    p = subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+    return CliResult(p.returncode, p.stdout, p.stderr)
+
+
+def assert_one_line_error(result: CliResult, *needles: str) -> None:
+    """Exit 2, a single 'Error:' line (plus an optional 'Hint:'), no traceback, naming ``needles``."""
+    assert result.code == 2, (result.code, result.stdout, result.stderr)
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert "Traceback" not in result.stderr, result.stderr
+    assert lines and lines[0].startswith("Error: "), result.stderr
+    assert all(ln.startswith(("Error: ", "Hint: ")) for ln in lines), result.stderr
+    assert len([ln for ln in lines if ln.startswith("Error: ")]) == 1, result.stderr
+    for needle in needles:
+        assert needle in result.stderr, (needle, result.stderr)
+
+
+@pytest.fixture(scope="session")
+def cli():
+    return run_cli
+
+
+@pytest.fixture(scope="session")
+def llava_fixture() -> Path:
+    """Folder with hf/ (transformers 5 layout), hf-hub/ (4.x layout, sharded) and text.gguf."""
+    from fixtures import llava
+
+    return llava.build()
+
+
+@pytest.fixture(scope="session")
+def llava_mmproj(llava_fixture, tmp_path_factory) -> Path:
+    """An f32 mmproj converted from the tiny LLaVA with the library API."""
+    from ggraft import mmproj
+    from ggraft.checkpoint import Checkpoint
+    from ggraft.converter import converter_for
+
+    out = tmp_path_factory.mktemp("llava") / "mmproj-f32.gguf"
+    return mmproj.convert(converter_for(Checkpoint(llava_fixture / "hf")), out, "f32")
+
+
+FIDELITY_RESULTS = ROOT / ".cache" / "fidelity"
+
+
+def record_fidelity(family: str, outtype: str, report) -> None:
+    """Keep a fidelity test's measured figures (``VerifyReport``) for the README's families table
+    (``make families-table``): one JSON file per family and output type under .cache/fidelity."""
+    import json
+
+    FIDELITY_RESULTS.mkdir(parents=True, exist_ok=True)
+    data = {"family": family, "outtype": outtype, "passed": report.passed,
+            "min_cosine": report.result.min_cosine if report.result else None,
+            "runtime_note": report.runtime_note,
+            "runtime_min_cosine": report.runtime_result.min_cosine if report.runtime_result else None}
+    (FIDELITY_RESULTS / f"{family}-{outtype}.json").write_text(json.dumps(data, indent=1))
