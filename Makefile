@@ -1,0 +1,35 @@
+# ggraft: two commands on a fresh machine — `make demo` and `make test`.
+# Both create (or refresh, when pyproject.toml changes) the project virtualenv in .venv.
+# torch is the CPU build that lies on this machine's disk (2.13.0); llama-cpp-python is pinned
+# in pyproject.toml and builds from source the first time (about 6 minutes on 2 cores).
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.ggraft-installed
+
+.PHONY: venv test demo bench families-table clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+demo: venv
+	$(BIN)/python -m fixtures.demo
+
+bench: venv
+	$(BIN)/python benchmarks/bench_convert.py
+
+families-table: venv
+	$(BIN)/python docs/families_table.py
+
+clean:
+	rm -rf $(VENV) .cache
