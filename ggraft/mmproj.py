@@ -32,6 +32,11 @@ FILE_TYPES: dict[Q, gguf.LlamaFileType] = {
 #: text-model rows llama.cpp splices in, and every 1-D tensor (norms, biases)
 KEEP_F32 = ("v.position_embd", "v.class_embd", "v.token_embd.")
 PATCH_EMBD = "v.patch_embd."
+#: weights llama.cpp's graphs copy transposed (``ggml_cont(ggml_transpose(w))``, gemma3's input
+#: projection): ggml copies a strided view of a block-quantized tensor block by block as if each
+#: block were one element, which overruns the destination and corrupts the heap, so they are
+#: never quantized (llama.cpp's own converter forces f16, citing ggml-org/llama.cpp#13025)
+TRANSPOSED_IN_GRAPH = ("mm.input_projection.",)
 PROVENANCE_PREFIX = "ggraft."
 
 
@@ -42,6 +47,8 @@ def tensor_type(name: str, shape: tuple[int, ...], outtype: Q) -> Q:
     if name.startswith(PATCH_EMBD):  # a convolution kernel: at most f16
         return Q.F32 if outtype == Q.F32 else Q.F16
     if outtype == Q.Q8_0:
+        if name.startswith(TRANSPOSED_IN_GRAPH):
+            return Q.F16
         block = gguf.GGML_QUANT_SIZES[Q.Q8_0][0]
         return Q.Q8_0 if len(shape) == 2 and shape[-1] % block == 0 else Q.F16
     return outtype

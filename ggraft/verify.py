@@ -15,7 +15,7 @@ import numpy as np
 from . import engine, gguf_file
 from .checkpoint import Checkpoint
 from .converter import Converter, converter_for
-from .errors import InputError
+from .errors import EngineError, InputError
 
 #: minimum per-token cosine by the mmproj's general.file_type
 BARS: dict[int, tuple[str, float]] = {
@@ -144,7 +144,13 @@ def verify(hf_dir: str | Path, mmproj: str | Path, text: str | Path | None = Non
     img = test_image(*size)
     report = VerifyReport(str(ckpt.path), str(mmproj), projector, outtype, bar, tuple(size), None, False)
 
-    rows = conv.llama_rows(llama_embeddings(mmproj, img, int(n_embd), Path(text) if text else None, n_threads))
+    try:
+        rows = conv.llama_rows(llama_embeddings(mmproj, img, int(n_embd), Path(text) if text else None, n_threads))
+    except EngineError as e:
+        if text is None and "llama_vocab" in e.message:
+            raise InputError(f"{mmproj}: llama.cpp puts text tokens around {projector} images, which needs the "
+                             "text model's vocabulary", hint="pass --text with the text GGUF (only its vocabulary is loaded)") from None
+        raise
     ref, runtime = reference_embeddings(conv, load_reference_model(ckpt), img)
     try:
         report.result = compare(rows, ref)
