@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import re
 
+import gguf
+
 from ggraft.converter import Converter, VisionParams, preprocessing, register
 from ggraft.errors import UnsupportedModelError
 
@@ -32,7 +34,7 @@ _BLOCK = re.compile(r"\.layers\.(\d+)\.")
 @register
 class LlavaClip(Converter):
     architectures = ("LlavaForConditionalGeneration",)
-    projector_type = "mlp"
+    projector_type = gguf.constants.VISION_PROJECTOR_TYPE_NAMES[gguf.constants.VISION_PROJECTOR_TYPE.MLP]
     family = "LLaVA-1.5 (CLIP)"
     image_tokens = ("<image>",)
     layout_aliases = (

@@ -26,7 +26,8 @@ def register(app: typer.Typer) -> None:
         size = None
         if image_size:
             try:
-                size = tuple(int(x) for x in image_size.lower().split("x", 1))
+                height, width = (int(x) for x in image_size.lower().split("x"))
+                size = (height, width)
             except ValueError:
                 raise InputError(f"--image-size {image_size!r}: expected HEIGHTxWIDTH, e.g. 168x224") from None
         report = run(hf_dir, mmproj, text=text, n_threads=threads, image_size=size)
