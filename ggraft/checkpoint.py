@@ -37,18 +37,16 @@ class Checkpoint:
     is read from tensor data until ``load`` is called.
     """
 
+    #: how tensors are named: "hf" (transformers) or "mistral" (Mistral's native consolidated layout)
+    layout = "hf"
+
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.exists():
             raise InputError(f"{self.path}: no such directory")
         if not self.path.is_dir():
             raise InputError(f"{self.path}: not a directory (expected a Hugging Face checkpoint folder)")
-        cfg = self.path / "config.json"
-        if not cfg.is_file():
-            raise InputError(f"{self.path}: no config.json (is this a Hugging Face checkpoint folder?)")
-        self.config: dict[str, Any] = read_json(cfg, "config.json")
-        if not isinstance(self.config, dict):
-            raise InputError(f"{cfg}: config.json is not a JSON object")
+        self.config: dict[str, Any] = self._read_config()
         self.files = self._open_weights()
         self.entries: dict[str, TensorEntry] = {}
         self._file_of: dict[str, SafetensorsFile] = {}
@@ -57,11 +55,20 @@ class Checkpoint:
                 self.entries[name] = entry
                 self._file_of[name] = f
 
+    def _read_config(self) -> dict[str, Any]:
+        cfg = self.path / "config.json"
+        if not cfg.is_file():
+            raise InputError(f"{self.path}: no config.json (is this a Hugging Face checkpoint folder?)")
+        config = read_json(cfg, "config.json")
+        if not isinstance(config, dict):
+            raise InputError(f"{cfg}: config.json is not a JSON object")
+        return config
+
     # -- weights -------------------------------------------------------------------
-    def _open_weights(self) -> list[SafetensorsFile]:
-        index = self.path / INDEX_NAME
+    def _open_weights(self, index_name: str = INDEX_NAME, pattern: str = "*.safetensors") -> list[SafetensorsFile]:
+        index = self.path / index_name
         if index.is_file():
-            weight_map = read_json(index, INDEX_NAME).get("weight_map")
+            weight_map = read_json(index, index_name).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise InputError(f"{index}: has no weight_map")
             names = sorted(set(weight_map.values()))
@@ -69,7 +76,7 @@ class Checkpoint:
             if missing:
                 raise InputError(f"{index}: names shard {missing[0]} which is not in {self.path}")
             return [SafetensorsFile(self.path / n) for n in names]
-        shards = sorted(self.path.glob("*.safetensors"))
+        shards = sorted(self.path.glob(pattern))
         if shards:
             return [SafetensorsFile(p) for p in shards]
         pickles = sorted(p.name for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -144,3 +151,103 @@ class Checkpoint:
         if not archs or not isinstance(archs, list):
             raise InputError(f"{self.path}/config.json: no 'architectures' entry")
         return str(archs[0])
+
+
+# -- Mistral's native layout --------------------------------------------------------------
+NATIVE_PARAMS = "params.json"
+NATIVE_INDEX = "consolidated.safetensors.index.json"
+#: params.json's ids of the image tokens (-1 placeholders mean: ask tekken.json)
+NATIVE_TOKEN_KEYS = {"image_token_id": "[IMG]", "image_break_token_id": "[IMG_BREAK]", "image_end_token_id": "[IMG_END]"}
+_NATIVE_VISION_REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                           "patch_size", "image_size")
+
+
+class MistralCheckpoint(Checkpoint):
+    """A model folder in Mistral's native layout: params.json, consolidated*.safetensors, tekken.json.
+
+    ``config`` restates params.json as the transformers config the same model has on the hub
+    (``native_config``), so converters read one vocabulary of hyper-parameters; tensor names stay
+    native (``vision_encoder.*``, ``vision_language_adapter.*``, ``tok_embeddings.weight``), which
+    ``layout = "mistral"`` tells converters.
+    """
+
+    layout = "mistral"
+
+    def _read_config(self) -> dict[str, Any]:
+        path = self.path / NATIVE_PARAMS
+        params = read_json(path, NATIVE_PARAMS)
+        if not isinstance(params, dict):
+            raise InputError(f"{path}: params.json is not a JSON object")
+        self.params = params
+        return native_config(params, path)
+
+    def _open_weights(self, index_name: str = NATIVE_INDEX,
+                      pattern: str = "consolidated*.safetensors") -> list[SafetensorsFile]:
+        return super()._open_weights(index_name, pattern)
+
+    @cached_property
+    def tekken(self) -> dict[str, Any]:
+        p = self.path / "tekken.json"
+        data = read_json(p, "tekken.json") if p.is_file() else {}
+        return data if isinstance(data, dict) else {}
+
+    def added_tokens(self) -> dict[str, tuple[int, bool]]:
+        """Special tokens from tekken.json (by rank), then params.json's image token ids, then any
+        Hugging Face tokenizer files alongside."""
+        found: dict[str, tuple[int, bool]] = {}
+        for entry in self.tekken.get("special_tokens") or []:
+            if isinstance(entry, dict) and "token_str" in entry and isinstance(entry.get("rank"), int):
+                found[str(entry["token_str"])] = (entry["rank"], True)
+        vision = native_vision_params(self.params) or {}
+        for key, token in NATIVE_TOKEN_KEYS.items():
+            if isinstance(vision.get(key), int) and vision[key] >= 0:
+                found.setdefault(token, (vision[key], True))
+        for token, info in super().added_tokens().items():
+            found.setdefault(token, info)
+        return found
+
+
+def native_vision_params(params: dict[str, Any]) -> dict[str, Any] | None:
+    """params.json's vision encoder section (``vision_encoder``, or ``multimodal.vision_encoder_args``)."""
+    vision = params.get("vision_encoder") or (params.get("multimodal") or {}).get("vision_encoder_args")
+    return vision if isinstance(vision, dict) else None
+
+
+def native_config(params: dict[str, Any], where: Path) -> dict[str, Any]:
+    """params.json as the equivalent transformers config (what Mistral publishes as config.json)."""
+    if not isinstance(params.get("dim"), int):
+        raise InputError(f"{where}: has no integer 'dim' (not a Mistral params.json?)")
+    text = {"model_type": "mistral", "hidden_size": params["dim"], "num_hidden_layers": params.get("n_layers"),
+            "num_attention_heads": params.get("n_heads"), "num_key_value_heads": params.get("n_kv_heads"),
+            "head_dim": params.get("head_dim"), "intermediate_size": params.get("hidden_dim"),
+            "rms_norm_eps": params.get("norm_eps", 1e-5), "vocab_size": params.get("vocab_size"),
+            "rope_theta": params.get("rope_theta")}
+    text = {k: v for k, v in text.items() if v is not None}
+    v = native_vision_params(params)
+    if v is None:
+        return {"architectures": ["MistralForCausalLM"], **text}
+    missing = [k for k in _NATIVE_VISION_REQUIRED if not isinstance(v.get(k), int)]
+    if missing:
+        raise InputError(f"{where}: vision_encoder has no integer {missing[0]!r}")
+    merges = v.get("mm_projector_id") == "patch_merge"
+    vision = {"model_type": "pixtral", "hidden_act": "silu", "num_channels": v.get("num_channels", 3),
+              "rope_parameters": {"rope_type": "axial", "rope_theta": v.get("rope_theta", 10000.0)},
+              **{k: v[k] for k in _NATIVE_VISION_REQUIRED}}
+    config = {"architectures": ["Mistral3ForConditionalGeneration" if merges else "LlavaForConditionalGeneration"],
+              "text_config": text, "vision_config": vision, "projector_hidden_act": "gelu",
+              "vision_feature_layer": -1, "multimodal_projector_bias": bool(v.get("adapter_bias", True))}
+    if isinstance(v.get("image_token_id"), int) and v["image_token_id"] >= 0:
+        config["image_token_index"] = v["image_token_id"]
+    if merges:
+        config["spatial_merge_size"] = v.get("spatial_merge_size", 2)
+    else:
+        config["vision_feature_select_strategy"] = "full"
+    return config
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """A model folder in either layout: transformers' (config.json), else Mistral's native (params.json)."""
+    p = Path(path)
+    if p.is_dir() and not (p / "config.json").is_file() and (p / NATIVE_PARAMS).is_file():
+        return MistralCheckpoint(p)
+    return Checkpoint(p)

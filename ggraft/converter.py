@@ -57,6 +57,9 @@ class Converter:
     vision_prefixes: ClassVar[tuple[str, ...]] = ("vision_tower.", "multi_modal_projector.")
     #: (alias, canonical) prefix rewrites so every saved layout maps onto TensorNameMap's names
     layout_aliases: ClassVar[tuple[tuple[str, str], ...]] = ()
+    #: mmproj tensors that are rows of the language model's embedding table, by token
+    #: (e.g. Pixtral's v.token_embd.img_break); ``ggraft graft`` takes them from the recipient
+    text_rows: ClassVar[dict[str, str]] = {}
 
     def __init__(self, ckpt: Checkpoint):
         self.ckpt = ckpt

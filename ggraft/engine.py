@@ -59,7 +59,7 @@ def log_reason(default: str) -> str:
     lines = [(lvl, " ".join(t.split())) for lvl, t in _LOG if t.strip()]
     errors = [t for lvl, t in lines if lvl == _LEVEL_ERROR]
     for t in reversed(errors):  # prefer the specific cause over the generic "failed to load"
-        if not re.search(r"failed to load|error loading model$", t, re.I):
+        if not re.search(r"failed to load (clip )?model from|error loading model$", t, re.I):
             return t
     if errors:
         return errors[-1]

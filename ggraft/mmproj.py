@@ -38,6 +38,8 @@ PATCH_EMBD = "v.patch_embd."
 #: never quantized (llama.cpp's own converter forces f16, citing ggml-org/llama.cpp#13025)
 TRANSPOSED_IN_GRAPH = ("mm.input_projection.",)
 PROVENANCE_PREFIX = "ggraft."
+#: the image tokens (and their ids) a converted mmproj expects, written by convert and graft
+IMAGE_TOKENS_KEY, IMAGE_TOKEN_IDS_KEY = PROVENANCE_PREFIX + "image_tokens", PROVENANCE_PREFIX + "image_token_ids"
 
 
 def tensor_type(name: str, shape: tuple[int, ...], outtype: Q) -> Q:

@@ -48,6 +48,9 @@ class VerifyReport:
     #: set when llama.cpp's runtime itself departs from transformers (see Converter.runtime_reference)
     runtime_note: str | None = None
     runtime_result: Comparison | None = None
+    #: non-finite values llama.cpp emitted in the rows left out of the comparison (e.g. Pixtral's
+    #: [IMG_BREAK] rows): a runtime fault the text model would see, reported but not judged here
+    nonfinite_outside: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -145,12 +148,14 @@ def verify(hf_dir: str | Path, mmproj: str | Path, text: str | Path | None = Non
     report = VerifyReport(str(ckpt.path), str(mmproj), projector, outtype, bar, tuple(size), None, False)
 
     try:
-        rows = conv.llama_rows(llama_embeddings(mmproj, img, int(n_embd), Path(text) if text else None, n_threads))
+        raw = llama_embeddings(mmproj, img, int(n_embd), Path(text) if text else None, n_threads)
     except EngineError as e:
         if text is None and "llama_vocab" in e.message:
             raise InputError(f"{mmproj}: llama.cpp puts text tokens around {projector} images, which needs the "
                              "text model's vocabulary", hint="pass --text with the text GGUF (only its vocabulary is loaded)") from None
         raise
+    rows = conv.llama_rows(raw)
+    report.nonfinite_outside = int((~np.isfinite(raw)).sum() - (~np.isfinite(rows)).sum())
     ref, runtime = reference_embeddings(conv, load_reference_model(ckpt), img)
     try:
         report.result = compare(rows, ref)

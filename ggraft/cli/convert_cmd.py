@@ -12,15 +12,16 @@ from .options import Force, Json, Output, OutType
 
 def register(app: typer.Typer) -> None:
     @app.command()
-    def convert(hf_dir: Annotated[Path, typer.Argument(help="Hugging Face checkpoint folder.")],
+    def convert(hf_dir: Annotated[Path, typer.Argument(help="Checkpoint folder: Hugging Face (config.json) or "
+                                                        "Mistral native (params.json).")],
                 out: Output, outtype: OutType = "f16", force: Force = False, json: Json = False) -> None:
         """Convert a checkpoint's vision encoder + projector into an mmproj GGUF."""
-        from ..checkpoint import Checkpoint
+        from ..checkpoint import open_checkpoint
         from ..converter import converter_for
         from ..mmproj import check_output, convert as write
 
         check_output(out, force)
-        conv = converter_for(Checkpoint(hf_dir))
+        conv = converter_for(open_checkpoint(hf_dir))
         path = write(conv, out, outtype=outtype, force=force)
         info = {"output": str(path), "family": conv.family, "projector_type": conv.projector_type,
                 "outtype": outtype, "bytes": path.stat().st_size}

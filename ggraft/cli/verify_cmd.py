@@ -48,6 +48,9 @@ def render(report) -> None:
     verdict = "PASS" if report.passed else "FAIL"
     output.stdout.print(f"{verdict}: {r.tokens} tokens, min cosine {r.min_cosine:.6f} (bar {report.bar}), "
                         f"mean {r.mean_cosine:.6f}, max relative error {r.max_rel_error:.2e}")
+    if report.nonfinite_outside:
+        output.stdout.print(f"warning: llama.cpp emitted {report.nonfinite_outside} non-finite values in rows it adds "
+                            "itself (not compared); the text model will see them")
     if report.runtime_note:
         rr = report.runtime_result
         output.stdout.print(f"note: {report.runtime_note}; against transformers run that way: "
