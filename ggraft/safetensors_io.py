@@ -2,12 +2,13 @@
 
 The header is parsed and checked here (sizes, offsets, dtypes) so that a damaged file is
 reported in one line before any tensor is touched; tensor bytes are read lazily through
-``numpy.memmap``, one tensor at a time.  BF16 (which numpy lacks) is widened to F32 on
+``mmap``, one tensor at a time (pages handed back after each).  BF16 (which numpy lacks) is widened to F32 on
 load.  ``safetensors`` itself cannot hand bf16 to numpy, hence this small reader.
 """
 from __future__ import annotations
 
 import json
+import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,9 @@ _MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
 
 def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
     """Widen bf16 bit patterns (stored as uint16) to float32."""
-    return (raw.astype(np.uint32) << 16).view(np.float32)
+    wide = raw.astype(np.uint32)
+    wide <<= 16
+    return wide.view(np.float32)
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,7 @@ class SafetensorsFile:
         self.path = Path(path)
         self.entries: dict[str, TensorEntry] = {}
         self.metadata: dict[str, str] = {}
-        self._mmap: np.memmap | None = None
+        self._mmap: mmap.mmap | None = None
         self._parse_header()
 
     def _fail(self, why: str) -> InputError:
@@ -106,27 +109,33 @@ class SafetensorsFile:
                 )
             self.entries[name] = TensorEntry(name, self.path, dtype, shape, data_start + begin, expected)
 
-    def _map(self) -> np.memmap:
+    def _map(self) -> mmap.mmap:
         if self._mmap is None:
-            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
+            with open(self.path, "rb") as f:
+                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         return self._mmap
 
+    def _read(self, start: int, nbytes: int, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+        """A byte range of the mapping as a new array; the range's pages are then given back, so
+        reading a model tensor by tensor keeps only the current tensor resident."""
+        storage = _DTYPES[dtype][0]
+        view = np.frombuffer(self._map(), dtype=storage, count=nbytes // storage.itemsize, offset=start)
+        out = bf16_to_f32(view) if dtype == "BF16" else view.copy()
+        del view
+        if hasattr(mmap, "MADV_DONTNEED") and nbytes:
+            first = start - start % mmap.PAGESIZE
+            self._mmap.madvise(mmap.MADV_DONTNEED, first, start + nbytes - first)
+        return out.reshape(shape)
+
     def load(self, name: str) -> np.ndarray:
-        """The tensor's values (read-only view for native dtypes, a new array for bf16)."""
+        """The tensor's values (bf16 widened to f32)."""
         e = self.entries[name]
-        storage, _ = _DTYPES[e.dtype]
-        buf = self._map()[e.start : e.start + e.nbytes]
-        arr = np.frombuffer(buf, dtype=storage).reshape(e.shape)
-        return bf16_to_f32(arr) if e.dtype == "BF16" else arr
+        return self._read(e.start, e.nbytes, e.dtype, e.shape)
 
     def load_rows(self, name: str, first: int, count: int = 1) -> np.ndarray:
         """Rows ``first:first+count`` of a tensor, reading only those bytes."""
         e = self.entries[name]
-        if not e.shape or not 0 <= first and first + count <= e.shape[0]:
+        if not e.shape or not (0 <= first and first + count <= e.shape[0]):
             raise InputError(f"{self.path}: row {first} is outside tensor {name!r} of shape {list(e.shape)}")
-        storage, width = _DTYPES[e.dtype]
-        row_bytes = int(np.prod(e.shape[1:], dtype=np.int64)) * width
-        start = e.start + first * row_bytes
-        buf = self._map()[start : start + count * row_bytes]
-        arr = np.frombuffer(buf, dtype=storage).reshape((count, *e.shape[1:]))
-        return bf16_to_f32(arr) if e.dtype == "BF16" else np.array(arr)
+        row_bytes = int(np.prod(e.shape[1:], dtype=np.int64)) * _DTYPES[e.dtype][1]
+        return self._read(e.start + first * row_bytes, count * row_bytes, e.dtype, (count, *e.shape[1:]))
