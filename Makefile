@@ -27,6 +27,8 @@ demo: venv
 
 bench: venv
 	$(BIN)/python benchmarks/bench_convert.py
+	$(BIN)/python benchmarks/bench_check.py
+	$(BIN)/python benchmarks/bench_run.py
 
 families-table: venv
 	$(BIN)/python docs/families_table.py

@@ -19,9 +19,9 @@ import numpy as np
 from .errors import EngineError
 
 _LOG: deque[tuple[int, str]] = deque(maxlen=400)
-_LEVEL_ERROR, _LEVEL_CONT = 3, 5
+_LEVEL_ERROR, _LEVEL_CONT = 4, 5  # ggml.h: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5
 _callbacks: list = []  # keep ctypes callbacks alive
-_last_level = 1
+_last_level = 2
 _ERROR_WORDS = re.compile(r"error|mismatch|unable|failed|invalid|not supported|unknown|missing", re.I)
 
 

@@ -103,3 +103,27 @@ def test_interrupted_write_leaves_nothing(llava_fixture, tmp_path, monkeypatch):
     with pytest.raises(OSError):
         mmproj.convert(conv, tmp_path / "o.gguf", "f32")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_version_and_help():
+    import ggraft
+
+    res = run_cli("--version")
+    assert res.code == 0 and res.stdout.strip() == ggraft.__version__
+    helped = run_cli("--help")
+    assert helped.code == 0
+    for command in ("convert", "verify", "check", "audit", "inspect", "graft", "run", "serve", "pack", "merge"):
+        assert command in helped.stdout, command
+
+
+def test_load_rows_bounds(llava_fixture):
+    from ggraft.checkpoint import Checkpoint
+    from ggraft.errors import InputError
+
+    ckpt = Checkpoint(llava_fixture / "hf")
+    name = "language_model.model.embed_tokens.weight"
+    rows = ckpt.shape(name)[0]
+    assert ckpt.load_rows(name, rows - 1).shape == (1, 96)
+    for bad in (-1, rows):
+        with pytest.raises(InputError, match="outside"):
+            ckpt.load_rows(name, bad)

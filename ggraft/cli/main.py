@@ -25,13 +25,17 @@ def build_app() -> typer.Typer:
         if mod.name.endswith("_cmd"):
             importlib.import_module(f"ggraft.cli.{mod.name}").register(app)
 
-    @app.callback()
-    def root(version: bool = typer.Option(False, "--version", help="Print ggraft's version and exit.")) -> None:
-        if version:
+    def print_version(value: bool) -> None:
+        if value:
             from .. import __version__
 
             typer.echo(__version__)
             raise typer.Exit(0)
+
+    @app.callback()
+    def root(version: bool = typer.Option(False, "--version", callback=print_version, is_eager=True,
+                                          help="Print ggraft's version and exit.")) -> None:
+        """Assemble multimodal models for llama.cpp from parts."""
 
     return app
 
