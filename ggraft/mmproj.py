@@ -8,6 +8,7 @@ the target, renamed into place only when complete.
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -134,6 +135,22 @@ def progress_bar(total: int, label: str):
                     console=console, disable=not console.is_terminal, transient=True)
 
 
+def computed_in_background(tensors: Iterable[LazyNumpyTensor]) -> Iterator[np.ndarray]:
+    """Each lazy tensor computed, the next one on a worker thread while the caller writes the
+    current one (numpy and file writes release the GIL), so reading/converting overlaps writing.
+    At most two tensors are held at once."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for tensor in tensors:
+            job = pool.submit(LazyNumpyTensor.to_eager, tensor)
+            del tensor
+            if pending is not None:
+                yield pending.result()
+            pending = job
+        if pending is not None:
+            yield pending.result()
+
+
 def write_gguf(out: Path, w: gguf.GGUFWriter, tensors: Iterable[tuple[str, LazyNumpyTensor, Q]],
                label: str = "writing") -> Path:
     """Register every tensor's info, then stream header, keys and data to ``out`` atomically.
@@ -141,7 +158,7 @@ def write_gguf(out: Path, w: gguf.GGUFWriter, tensors: Iterable[tuple[str, LazyN
     ``tensors`` yields (name, lazy source, target type); each tensor is computed only when its
     turn to be written comes, and released after.
     """
-    plan: list[tuple[str, LazyNumpyTensor]] = []
+    plan: list[tuple[str, LazyNumpyTensor]] = []  # lazy: nothing is read yet
     for name, tensor, qtype in tensors:
         converted = convert_tensor(tensor, qtype)
         w.add_tensor_info(name, converted.shape, converted.dtype, converted.nbytes, raw_dtype=qtype)
@@ -152,13 +169,11 @@ def write_gguf(out: Path, w: gguf.GGUFWriter, tensors: Iterable[tuple[str, LazyN
         w.write_header_to_file(path=tmp)
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        plan.reverse()
-        while plan:
-            _, lazy = plan.pop()
-            data = LazyNumpyTensor.to_eager(lazy)
+        plan.reverse()  # popped as written, so each computed tensor is released after its turn
+        for data in computed_in_background(plan.pop()[1] for _ in range(len(plan))):
             w.write_tensor_data(data)
             bar.advance(task, data.nbytes)
-            del lazy, data
+            del data
         w.close()
     return out
 
