@@ -59,7 +59,9 @@ def tensor_type(name: str, shape: tuple[int, ...], outtype: Q) -> Q:
 
 def convert_tensor(tensor: LazyNumpyTensor, qtype: Q) -> LazyNumpyTensor:
     """Lazily cast/quantize to ``qtype`` (gguf-py's quantizers)."""
-    return gguf.quants.quantize(tensor.astype(np.float32), qtype)
+    if tensor.dtype != np.float32:  # (a lazy astype always copies, even to its own dtype)
+        tensor = tensor.astype(np.float32)
+    return gguf.quants.quantize(tensor, qtype)
 
 
 def parse_outtype(name: str) -> Q:
