@@ -127,3 +127,12 @@ def test_load_rows_bounds(llava_fixture):
     for bad in (-1, rows):
         with pytest.raises(InputError, match="outside"):
             ckpt.load_rows(name, bad)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("convert",), "Missing argument"),
+    (("convert", "x", "-o", "y", "--bogus"), "No such option"),
+    (("frobnicate",), "No such command"),
+])
+def test_usage_errors_are_one_line(args, needle):
+    assert_one_line_error(run_cli(*args), needle)

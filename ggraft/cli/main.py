@@ -10,8 +10,12 @@ import os
 import pkgutil
 import sys
 
-import click
 import typer
+
+try:  # typer >= 0.2x raises the exceptions of the click copy it bundles
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click import exceptions as click_exceptions
 
 from ..errors import GgraftError
 from . import output
@@ -47,13 +51,13 @@ def main(argv: list[str] | None = None) -> None:
     except GgraftError as e:
         output.error(e.message, e.hint)
         code = e.exit_code
-    except click.exceptions.UsageError as e:
+    except click_exceptions.UsageError as e:
         output.error(e.format_message(), f"see 'ggraft {e.ctx.command.name if e.ctx else ''} --help'".replace("  ", " "))
         code = 2
-    except click.ClickException as e:
+    except click_exceptions.ClickException as e:
         output.error(e.format_message())
         code = 2
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (click_exceptions.Abort, KeyboardInterrupt):
         output.error("interrupted")
         code = 130
     except BrokenPipeError:

@@ -1,0 +1,240 @@
+"""Merging GGUF text models directly: each tensor is dequantized with gguf-py (any type it can
+dequantize), merged in float32 a chunk of rows at a time, and written as the output type.
+
+Metadata and tokenizer come from the base model (for ``linear`` without a base: the first
+model); ``general.file_type`` says what was written, ``general.base_model.*`` lists the merged
+models, and ``ggraft.merge_*`` records the method and configuration.
+
+Output types follow the spirit of ``ggraft.mmproj.tensor_type``: 1-D tensors (norms, biases)
+stay float32, tensors the base stores in float32 among quantized ones stay float32 (llama.cpp's
+converters keep them so on purpose), and q8_0 is used only where a row fits its 32-value blocks
+(f16 otherwise).
+
+Nothing whole is held: chunks of rows (computed by worker threads) are encoded and written one
+at a time through gguf-py's writer into a temporary file renamed into place at the end
+(``ggraft.mmproj.atomic_path``), and the mapped pages of input rows already merged are handed
+back, so memory stays at a few chunks per thread whatever the size of the models (TIES: plus
+one float32 tensor for its thresholds).
+"""
+from __future__ import annotations
+
+import json
+import mmap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import gguf
+import numpy as np
+
+from .. import __version__, gguf_file
+from ..errors import InputError
+from ..mmproj import FILE_TYPES, OUTTYPES, PROVENANCE_PREFIX, atomic_path, check_output, parse_outtype, progress_bar
+from . import fp16
+from .config import MergeConfig, ModelSpec
+from .methods import CHUNK_ELEMENTS, Contribution
+from .plan import TensorPlan, Workers, merged_rows, plan_tensors
+
+Q = gguf.GGMLQuantizationType
+VOCAB_TENSORS = ("token_embd.weight", "output.weight")
+NATIVE = (Q.F32, Q.F16)  # no gguf-py dequantization step
+PAGE = mmap.PAGESIZE
+#: general.file_type of the base -> default output type
+DEFAULT_OUTTYPES = {int(FILE_TYPES[q]): name for name, q in OUTTYPES.items()}
+#: keys not copied from the base: written by the writer, or describing the output anew
+NOT_COPIED = (gguf.Keys.General.ARCHITECTURE, gguf.Keys.General.FILE_TYPE,
+              gguf.Keys.General.QUANTIZATION_VERSION, "general.base_model.")
+
+
+class GgufRows:
+    """One GGUF tensor as rows (leading dimensions flattened), dequantized on read; the mapped
+    pages of rows ``done`` with are handed back."""
+
+    def __init__(self, tensor: gguf.ReaderTensor, mapped: mmap.mmap | None):
+        shape = numpy_shape(tensor)
+        self.row_len = shape[-1] if shape else 1
+        self.n_rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+        self.type = tensor.tensor_type
+        self._data = tensor.data.reshape(self.n_rows, -1)
+        self._mapped, self._start = mapped, tensor.data_offset
+        self._row_bytes = tensor.n_bytes // self.n_rows
+        self._released = self._start - self._start % PAGE
+
+    def read(self, first: int, stop: int) -> np.ndarray:
+        raw = self._data[first:stop]
+        if self.type == Q.F16:
+            return fp16.to_float32(raw)
+        return raw if self.type == Q.F32 else gguf.quants.dequantize(raw, self.type)
+
+    def done(self, stop: int) -> None:
+        self.release(self._start + min(stop, self.n_rows) * self._row_bytes)
+
+    def release(self, upto: int) -> None:
+        """Drop mapped pages below byte ``upto`` from this process (the page cache keeps them)."""
+        end = upto - upto % PAGE
+        if self._mapped is not None and end > self._released:
+            self._mapped.madvise(mmap.MADV_DONTNEED, self._released, end - self._released)
+            self._released = end
+
+
+@dataclass
+class GgufInput:
+    spec: ModelSpec
+    reader: gguf.GGUFReader
+    tensors: dict[str, gguf.ReaderTensor]
+
+    @property
+    def label(self) -> str:
+        return self.spec.ref
+
+    def rows(self, name: str) -> GgufRows:
+        mapped = getattr(self.reader.data, "_mmap", None)  # numpy.memmap's mmap
+        return GgufRows(self.tensors[name], mapped if hasattr(mmap, "MADV_DONTNEED") else None)
+
+    def release(self, name: str) -> None:
+        t = self.tensors[name]
+        self.rows(name).release(t.data_offset + t.n_bytes + PAGE - 1)
+
+
+class StreamedTensor:
+    """Tensor data for ``GGUFWriter.write_tensor_data``, which asks it only for ``nbytes`` and
+    ``tofile(fout)``: chunks are encoded and written one at a time, no whole tensor is held."""
+
+    def __init__(self, nbytes: int, chunks: Iterator[np.ndarray], progress: Callable[[int], None]):
+        self.nbytes, self._chunks, self._progress = nbytes, chunks, progress
+
+    def tofile(self, fout) -> None:
+        written = 0
+        for chunk in self._chunks:
+            fout.write(np.ascontiguousarray(chunk).reshape(-1).view(np.uint8))
+            written += chunk.nbytes
+            self._progress(chunk.nbytes)
+        if written != self.nbytes:
+            raise InputError(f"merge produced {written} bytes for a tensor of {self.nbytes}")
+
+
+def numpy_shape(tensor: gguf.ReaderTensor) -> tuple[int, ...]:
+    return tuple(int(d) for d in reversed(tensor.shape.tolist()))
+
+
+def open_inputs(config: MergeConfig) -> list[GgufInput]:
+    """Every input, base (reference) first, checked to be text GGUFs of one architecture whose
+    tensor types gguf-py can dequantize."""
+    inputs = []
+    for spec in config.inputs:
+        reader = gguf_file.open_gguf(spec.path, "GGUF model")
+        parts = gguf_file.value(reader, gguf.Keys.Split.LLM_KV_SPLIT_COUNT, 1)
+        if parts > 1:
+            raise InputError(f"{spec.ref}: is one part of a GGUF split in {parts}; merge whole models",
+                             hint="join the parts first: llama-gguf-split --merge FIRST-PART OUT.gguf")
+        inputs.append(GgufInput(spec, reader, {t.name: t for t in reader.tensors}))
+    ref = inputs[0]
+    arch = gguf_file.value(ref.reader, gguf.Keys.General.ARCHITECTURE)
+    for model in inputs:
+        kind = gguf_file.value(model.reader, gguf.Keys.General.ARCHITECTURE)
+        if kind == "clip":
+            raise InputError(f"{model.label}: is an mmproj (vision encoder), not a text model",
+                             hint="merge text models; give the mmproj to --check-with")
+        if kind != arch:
+            raise InputError(f"{model.label}: architecture {kind!r} differs from {ref.label}'s {arch!r}")
+        seen: set[Q] = set()
+        for t in model.tensors.values():
+            if t.tensor_type in NATIVE or t.tensor_type in seen:
+                continue
+            try:
+                gguf.quants.dequantize(t.data.reshape(-1, t.data.shape[-1])[:1], t.tensor_type)
+            except NotImplementedError:
+                raise InputError(f"{model.label}: tensor {t.name!r} is {t.tensor_type.name}, which gguf-py "
+                                 "cannot dequantize (only float and block-quantized tensors merge)") from None
+            seen.add(t.tensor_type)
+    return inputs
+
+
+def default_outtype(reader: gguf.GGUFReader) -> str:
+    """The base model's own type when it is one ggraft writes, else f16."""
+    return DEFAULT_OUTTYPES.get(gguf_file.value(reader, gguf.Keys.General.FILE_TYPE, -1), "f16")
+
+
+def tensor_type(shape: tuple[int, ...], outtype: Q, stored: Q, keeps_f32: bool) -> Q:
+    """The output type of one tensor (see the module docstring)."""
+    if len(shape) < 2 or (keeps_f32 and stored == Q.F32):
+        return Q.F32
+    if outtype == Q.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0]:
+        return Q.F16
+    return outtype
+
+
+def copy_metadata(reader: gguf.GGUFReader, w: gguf.GGUFWriter) -> None:
+    """Every key of the base (tokenizer included) but those in NOT_COPIED."""
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name.startswith(NOT_COPIED):
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+
+
+def write_provenance(w: gguf.GGUFWriter, config: MergeConfig, inputs: list[GgufInput]) -> None:
+    w.add_base_model_count(len(inputs))
+    for i, model in enumerate(inputs):
+        w.add_base_model_name(i, gguf_file.value(model.reader, gguf.Keys.General.NAME) or Path(model.spec.path).stem)
+    w.add_string(PROVENANCE_PREFIX + "version", __version__)
+    w.add_string(PROVENANCE_PREFIX + "merge_method", config.method.name)
+    w.add_string(PROVENANCE_PREFIX + "merge_config", json.dumps(config.describe(), sort_keys=True))
+
+
+def merge_gguf(config: MergeConfig, out: Path, outtype: str | None = None, force: bool = False,
+               embed_common: bool = False, chunk_elements: int = CHUNK_ELEMENTS,
+               threads: int | None = None) -> tuple[int, str]:
+    """Write the merged text GGUF to ``out``; returns (tensor count, output type)."""
+    check_output(out, force)
+    inputs = open_inputs(config)
+    ref = inputs[0]
+    outtype = outtype or config.outtype or default_outtype(ref.reader)
+    qtype = parse_outtype(outtype)
+    shapes = {m.label: {n: numpy_shape(t) for n, t in m.tensors.items()} for m in inputs}
+    plans = plan_tensors(ref.label, shapes, VOCAB_TENSORS, embed_common)
+    keeps_f32 = any(t.tensor_type != Q.F32 and len(t.shape) > 1 for t in ref.tensors.values())
+    types = {p.name: tensor_type(p.shape, qtype, ref.tensors[p.name].tensor_type, keeps_f32) for p in plans}
+
+    w = gguf.GGUFWriter(path=None, arch=gguf_file.value(ref.reader, gguf.Keys.General.ARCHITECTURE))
+    copy_metadata(ref.reader, w)
+    w.add_file_type(FILE_TYPES[qtype])
+    if Q.Q8_0 in types.values():
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    write_provenance(w, config, inputs)
+    sizes = {}
+    for p in plans:
+        row_len = p.shape[-1] if p.shape else 1
+        encoded = gguf.quants.quantize(np.zeros((1, row_len), np.float32), types[p.name])
+        sizes[p.name] = int(np.prod(p.shape, dtype=np.int64)) // row_len * encoded.nbytes
+        info_shape = p.shape if encoded.dtype != np.uint8 else (*p.shape[:-1], encoded.shape[-1])
+        w.add_tensor_info(p.name, info_shape, encoded.dtype, sizes[p.name], raw_dtype=types[p.name])
+
+    total = sum(sizes.values())
+    with atomic_path(out) as tmp, progress_bar(total, f"merge {out.name}") as bar, Workers(threads) as workers:
+        task = bar.add_task("merge", total=total)
+        w.write_header_to_file(path=tmp)
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for p in plans:
+            chunks = _encoded_chunks(config, inputs, p, types[p.name], chunk_elements, workers)
+            w.write_tensor_data(StreamedTensor(sizes[p.name], chunks, lambda n: bar.advance(task, n)))
+            for model in inputs:
+                model.release(p.name)
+        w.close()
+    return len(plans), outtype
+
+
+def _encoded_chunks(config: MergeConfig, inputs: list[GgufInput], plan: TensorPlan, qtype: Q,
+                    chunk_elements: int, workers: Workers) -> Iterator[np.ndarray]:
+    """The tensor's merged rows in its output type, a chunk at a time."""
+    by_ref = {m.spec.ref: m for m in inputs}
+    reference = inputs[0].rows(plan.name)
+    base = by_ref[config.base.ref].rows(plan.name) if config.method.needs_base else None
+    models = [Contribution(by_ref[m.ref].rows(plan.name), m.weight, m.density) for m in config.models]
+    def encode(rows: np.ndarray) -> np.ndarray:
+        return fp16.to_float16(rows) if qtype == Q.F16 else gguf.quants.quantize(rows, qtype)
+
+    return merged_rows(config.method, plan, reference, base, models, config.settings, chunk_elements,
+                       encode=encode, workers=workers)

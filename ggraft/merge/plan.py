@@ -1,0 +1,136 @@
+"""What both input kinds share: checking that the models line up tensor by tensor, and the
+stream of merged rows for one output tensor (including ``--embed-common``).
+
+A *reference* model fixes the output's tensor names and shapes (GGUF: the base model; HF: the
+model the vision side comes from).  Every other model must have each of its tensors with the
+same shape; the only exception is the vocabulary dimension of the embedding and output
+tensors when ``embed_common`` is on: then the rows every model has are merged and the
+reference's remaining rows are kept as they are.
+"""
+from __future__ import annotations
+
+import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from ..errors import InputError
+from .methods import CHUNK_ELEMENTS, Contribution, MergeMethod, Settings, TensorRows, chunk_rows, spans
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One output tensor: its name, shape (the reference's) and, when --embed-common cut a
+    vocabulary, how many leading rows all models share (None: all rows are merged)."""
+
+    name: str
+    shape: tuple[int, ...]
+    shared_rows: int | None = None
+
+
+def plan_tensors(reference: str, tensors: dict[str, dict[str, tuple[int, ...]]],
+                 vocab_tensors: Sequence[str], embed_common: bool) -> list[TensorPlan]:
+    """``tensors``: model label -> {tensor name -> shape}, the reference's label among them.
+
+    Every mismatch is an InputError naming the tensor and the model."""
+    ref = tensors[reference]
+    plans = []
+    for label, shapes in tensors.items():
+        extra = next((n for n in shapes if n not in ref), None)
+        if extra is not None:
+            raise InputError(f"{label}: has tensor {extra!r}, which {reference} lacks",
+                             hint="the models must have the same architecture and tensor set")
+    for name, shape in ref.items():
+        shared = None
+        for label, shapes in tensors.items():
+            other = shapes.get(name)
+            if other is None:
+                raise InputError(f"{label}: has no tensor {name!r} (which {reference} has)",
+                                 hint="the models must have the same architecture and tensor set")
+            if other == shape:
+                continue
+            vocab = name in vocab_tensors and len(other) == len(shape) and other[1:] == shape[1:]
+            if vocab and embed_common:
+                shared = min(shape[0] if shared is None else shared, other[0])
+                continue
+            raise InputError(f"tensor {name!r} is {list(other)} in {label} but {list(shape)} in {reference}",
+                             hint="the vocabularies differ: pass --embed-common to merge the rows they share"
+                             if vocab else "the models must have the same architecture and sizes")
+        plans.append(TensorPlan(name, tuple(shape), shared))
+    return plans
+
+
+class Workers:
+    """Threads that compute chunks (numpy releases the GIL in its loops); one thread: no pool."""
+
+    def __init__(self, threads: int | None = None):
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        self.threads = max(1, threads or cores or 1)
+        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ggraft-merge") if self.threads > 1 else None
+
+    def __enter__(self) -> "Workers":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class Head:
+    """The first ``n_rows`` rows of a ``TensorRows`` (the shared vocabulary)."""
+
+    def __init__(self, rows: TensorRows, n_rows: int):
+        self.rows, self.n_rows, self.row_len = rows, n_rows, rows.row_len
+
+    def read(self, first: int, stop: int) -> np.ndarray:
+        return self.rows.read(first, stop)
+
+    def done(self, stop: int) -> None:
+        self.rows.done(stop)
+
+
+def merged_rows(method: MergeMethod, plan: TensorPlan, reference: TensorRows, base: TensorRows | None,
+                models: Sequence[Contribution], settings: Settings, chunk_elements: int = CHUNK_ELEMENTS,
+                encode: Callable[[np.ndarray], np.ndarray] = lambda rows: rows,
+                workers: Workers | None = None) -> Iterator[np.ndarray]:
+    """``encode``d float32 chunks covering every row of the output tensor, in order; computed by
+    ``workers``' threads when given, a few chunks ahead of the reader."""
+    shared = reference.n_rows if plan.shared_rows is None else plan.shared_rows
+    if plan.shared_rows is not None:  # every model read over the shared rows only
+        base = Head(base, shared) if base is not None else None
+        models = [Contribution(Head(m.rows, shared), m.weight, m.density) for m in models]
+    merge_chunk = method.prepare(plan.name, base, models, settings, chunk_elements)
+
+    def kept(first: int, stop: int) -> np.ndarray:  # rows only the reference has
+        return np.asarray(reference.read(first, stop), np.float32)
+
+    step = chunk_rows(reference.row_len, chunk_elements)
+    work = [(merge_chunk, first, stop) for first, stop in spans(shared, step)]
+    work += [(kept, first, min(first + step, reference.n_rows)) for first in range(shared, reference.n_rows, step)]
+    sources = [reference, *([base] if base is not None else []), *(m.rows for m in models)]
+
+    def finished(stop: int) -> None:  # every chunk up to ``stop`` has been handed out
+        for source in sources:
+            source.done(stop)
+
+    if workers is None or workers.pool is None:
+        for compute, first, stop in work:
+            yield encode(compute(first, stop))
+            finished(stop)
+        return
+    pending: deque[tuple[Future, int]] = deque()
+
+    def hand_out() -> Iterator[np.ndarray]:
+        future, stop = pending.popleft()
+        yield future.result()
+        finished(stop)
+
+    for compute, first, stop in work:
+        pending.append((workers.pool.submit(lambda c=compute, f=first, s=stop: encode(c(f, s))), stop))
+        if len(pending) >= 2 * workers.threads:
+            yield from hand_out()
+    while pending:
+        yield from hand_out()
