@@ -17,7 +17,7 @@ import gguf
 import numpy as np
 from gguf.lazy import LazyNumpyTensor
 
-from . import __version__
+from . import __version__, fp16
 from .converter import Converter, VisionParams
 from .errors import InputError, OutputExistsError
 
@@ -61,6 +61,8 @@ def convert_tensor(tensor: LazyNumpyTensor, qtype: Q) -> LazyNumpyTensor:
     """Lazily cast/quantize to ``qtype`` (gguf-py's quantizers)."""
     if tensor.dtype != np.float32:  # (a lazy astype always copies, even to its own dtype)
         tensor = tensor.astype(np.float32)
+    if qtype == Q.F16:  # ggml's vectorised rounding, same results as numpy's, ~25x faster
+        return LazyNumpyTensor._wrap_fn(fp16.to_float16, meta_noop=np.float16)(tensor)
     return gguf.quants.quantize(tensor, qtype)
 
 

@@ -166,7 +166,7 @@ def test_embed_common_merges_shared_rows_and_keeps_the_reference_rest():
 
 @pytest.mark.parametrize("accelerated", [True, False])
 def test_float16_conversions_equal_numpy(accelerated, monkeypatch):
-    from ggraft.merge import fp16
+    from ggraft import fp16
 
     if not accelerated:
         monkeypatch.setattr(fp16, "_GGML", None)

@@ -30,7 +30,7 @@ import numpy as np
 from .. import __version__, gguf_file
 from ..errors import InputError
 from ..mmproj import FILE_TYPES, OUTTYPES, PROVENANCE_PREFIX, atomic_path, check_output, parse_outtype, progress_bar
-from . import fp16
+from .. import fp16
 from .config import MergeConfig, ModelSpec
 from .methods import CHUNK_ELEMENTS, Contribution
 from .plan import TensorPlan, Workers, merged_rows, plan_tensors

@@ -32,7 +32,7 @@ from .. import __version__
 from ..checkpoint import PICKLE_SUFFIXES, INDEX_NAME, Checkpoint, read_json
 from ..errors import InputError, OutputExistsError
 from ..mmproj import PROVENANCE_PREFIX, progress_bar
-from . import fp16
+from .. import fp16
 from .config import MergeConfig, ModelSpec
 from .methods import CHUNK_ELEMENTS, Contribution
 from .plan import TensorPlan, Workers, merged_rows, plan_tensors
