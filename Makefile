@@ -29,6 +29,7 @@ bench: venv
 	$(BIN)/python benchmarks/bench_convert.py
 	$(BIN)/python benchmarks/bench_check.py
 	$(BIN)/python benchmarks/bench_run.py
+	$(BIN)/python benchmarks/bench_merge.py
 
 families-table: venv
 	$(BIN)/python docs/families_table.py

@@ -30,9 +30,9 @@ def figure(r: dict | None) -> str:
     if r is None:
         return "–"
     if r["passed"]:
-        return f"{r['min_cosine']:.5f}"
+        return f"{r['min_cosine']:.6f}"
     if r.get("runtime_note") and r.get("runtime_min_cosine") is not None:
-        return f"{r['runtime_min_cosine']:.5f}¹"
+        return f"{r['runtime_min_cosine']:.6f}¹"
     return f"**{r['min_cosine']:.4f}** (below bar)"
 
 
@@ -53,7 +53,7 @@ def table() -> str:
         res = next((results[k] for k in keys_for(cls) if k in results), {})
         cells = [figure(res.get(t)) for t in TYPES]
         notes |= any(c.endswith("¹") for c in cells)
-        tokens = ", ".join(f"`{t}`" for t in cls.image_tokens) or "–"
+        tokens = ", ".join(f"`{t}`".replace("|", "\\|") for t in cls.image_tokens) or "–"  # | splits cells
         rows.append(f"| {cls.family} | {', '.join(f'`{a}`' for a in cls.architectures)} | `{cls.projector_type}` "
                     f"| {tokens} | " + " | ".join(cells) + " |")
     text = "\n".join(rows) + "\n\nMinimum per-token cosine between llama.cpp's image embeddings and transformers' " \
