@@ -32,9 +32,8 @@ import gguf
 from ggraft.converter import Converter, VisionParams, preprocessing, register
 from ggraft.errors import UnsupportedModelError
 
-SIGLIP_MEAN = [0.5, 0.5, 0.5]  # Gemma3ImageProcessor's defaults
-SIGLIP_STD = [0.5, 0.5, 0.5]
-GELU_ACTS = ("gelu_pytorch_tanh", "gelu_new", "gelu")  # ggml's GELU is the tanh form
+from ._siglip import GELU_ACTS, SIGLIP_MEAN, SIGLIP_STD
+
 TOWER = "vision_tower.vision_model."
 PROJECTOR = "multi_modal_projector."
 

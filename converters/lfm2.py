@@ -22,8 +22,8 @@ import gguf
 from ggraft.converter import Converter, VisionParams, preprocessing, register
 from ggraft.errors import UnsupportedModelError
 
-SIGLIP_MEAN = [0.5, 0.5, 0.5]
-SIGLIP_STD = [0.5, 0.5, 0.5]
+from ._siglip import SIGLIP_MEAN, SIGLIP_STD
+
 PATCH = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.V_ENC_EMBD_PATCH] + ".weight"
 HEAD = "vision_tower.vision_model.head."
 OUTPUT_LAYER = "multi_modal_projector.linear_2.weight"

@@ -80,3 +80,29 @@ def record_fidelity(family: str, outtype: str, report) -> None:
             "runtime_note": report.runtime_note,
             "runtime_min_cosine": report.runtime_result.min_cosine if report.runtime_result else None}
     (FIDELITY_RESULTS / f"{family}-{outtype}.json").write_text(json.dumps(data, indent=1))
+
+
+def conversion_cache(fixture_dirs: dict[str, Path], out_dir: Path):
+    """``get(family, layout, outtype)``: the fixture ``fixture_dirs[family] / layout`` converted
+    to an mmproj of ``outtype``, once per key."""
+    from ggraft import mmproj
+    from ggraft.checkpoint import Checkpoint
+    from ggraft.converter import converter_for
+
+    done: dict[tuple[str, str, str], Path] = {}
+
+    def get(family: str, layout: str, outtype: str) -> Path:
+        key = (family, layout, outtype)
+        if key not in done:
+            conv = converter_for(Checkpoint(fixture_dirs[family] / layout))
+            done[key] = mmproj.convert(conv, out_dir / f"{family}-{layout}-{outtype}.gguf", outtype)
+        return done[key]
+
+    return get
+
+
+def gguf_tensors(path) -> dict:
+    """{name: gguf.ReaderTensor} of a GGUF file."""
+    import gguf
+
+    return {t.name: t for t in gguf.GGUFReader(path).tensors}

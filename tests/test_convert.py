@@ -7,17 +7,13 @@ import gguf
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import gguf_tensors, run_cli
 from ggraft import gguf_file
 from ggraft.checkpoint import Checkpoint
 from ggraft.converter import converter_for
 from ggraft.mmproj import convert
 
 Q = gguf.GGMLQuantizationType
-
-
-def tensors(path) -> dict[str, gguf.ReaderTensor]:
-    return {t.name: t for t in gguf.GGUFReader(path).tensors}
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +39,14 @@ def test_keys_follow_config_and_preprocessor(both_layouts):
 
 
 def test_both_layouts_give_identical_tensors(both_layouts):
-    a, b = tensors(both_layouts["hf"]), tensors(both_layouts["hf-hub"])
+    a, b = gguf_tensors(both_layouts["hf"]), gguf_tensors(both_layouts["hf-hub"])
     assert sorted(a) == sorted(b)
     for name in a:
         assert np.array_equal(np.asarray(a[name].data), np.asarray(b[name].data)), name
 
 
 def test_tensor_names_and_values(both_layouts, llava_fixture):
-    t = tensors(both_layouts["hf"])
+    t = gguf_tensors(both_layouts["hf"])
     assert {"mm.0.weight", "mm.0.bias", "mm.2.weight", "mm.2.bias", "v.class_embd", "v.patch_embd.weight",
             "v.position_embd.weight", "v.pre_ln.weight", "v.blk.2.ffn_down.weight"} <= set(t)
     assert not any(n.startswith("v.post_ln") for n in t)  # LLaVA reads hidden states, not post_layernorm
@@ -68,7 +64,7 @@ def test_tensor_names_and_values(both_layouts, llava_fixture):
 ])
 def test_dtype_policy(llava_fixture, tmp_path, outtype, expect):
     out = convert(converter_for(Checkpoint(llava_fixture / "hf")), tmp_path / "m.gguf", outtype)
-    t = tensors(out)
+    t = gguf_tensors(out)
     for name, qtype in expect.items():
         assert t[name].tensor_type == qtype, (name, t[name].tensor_type)
 

@@ -12,7 +12,7 @@ import gguf
 import numpy as np
 import pytest
 
-from conftest import ROOT, assert_one_line_error, run_cli
+from conftest import ROOT, assert_one_line_error, gguf_tensors, run_cli
 from ggraft import engine, gguf_file
 from ggraft.checkpoint import Checkpoint
 from ggraft.converter import converter_for
@@ -52,19 +52,15 @@ def recipient_row(path, tid=BREAK_ID) -> np.ndarray:
     return gguf_file.tensor_row(gguf.GGUFReader(path), "token_embd.weight", tid)
 
 
-def tensors(path) -> dict[str, gguf.ReaderTensor]:
-    return {t.name: t for t in gguf.GGUFReader(path).tensors}
-
-
 def test_break_row_is_the_recipients(grafted, fixture):
-    row = np.asarray(tensors(grafted)[BREAK].data)
+    row = np.asarray(gguf_tensors(grafted)[BREAK].data)
     assert np.array_equal(row, recipient_row(fixture / "recipient.gguf"))
     donor_row = Checkpoint(fixture / "hf").load_rows("language_model.model.embed_tokens.weight", BREAK_ID, 1)[0]
     assert not np.allclose(row, donor_row, atol=1e-3)  # the fine-tune moved it
 
 
 def test_everything_else_is_the_donors(grafted, donor_mmproj):
-    g, d = tensors(grafted), tensors(donor_mmproj)
+    g, d = gguf_tensors(grafted), gguf_tensors(donor_mmproj)
     assert sorted(g) == sorted(d)
     for name in d:
         if name != BREAK:
@@ -88,18 +84,18 @@ def test_provenance(grafted, fixture):
 def test_any_recipient_type(fixture, tmp_path, kind, qtype):
     """F16/BF16/Q4_K/Q6_K recipients were written by llama.cpp's own quantizer."""
     text = fixture / f"recipient-{kind}.gguf"
-    assert tensors(text)["token_embd.weight"].tensor_type == qtype
+    assert gguf_tensors(text)["token_embd.weight"].tensor_type == qtype
     report = graft(fixture / "hf", text, tmp_path / "m.gguf")
     assert report.rows[BREAK].endswith(f"({qtype.name})")
     expected = recipient_row(text)
-    assert np.array_equal(np.asarray(tensors(tmp_path / "m.gguf")[BREAK].data), expected)
+    assert np.array_equal(np.asarray(gguf_tensors(tmp_path / "m.gguf")[BREAK].data), expected)
     # dequantized right: close to the f32 original of the same fine-tune
     assert np.abs(expected - recipient_row(fixture / "recipient-f32.gguf")).max() < 0.05
 
 
 def test_native_donor_gives_the_same_mmproj(grafted, fixture, tmp_path):
     out = graft(fixture / "native", fixture / "recipient.gguf", tmp_path / "m.gguf").output
-    g, n = tensors(grafted), tensors(out)
+    g, n = gguf_tensors(grafted), gguf_tensors(out)
     assert sorted(g) == sorted(n)
     assert all(np.array_equal(np.asarray(g[k].data), np.asarray(n[k].data)) for k in g)
 
@@ -140,7 +136,7 @@ def test_mmproj_donor_keeps_types_and_replaces_the_row(fixture, donor_mmproj, tm
         out = tmp_path / f"from-{donor.stem}.gguf"
         res = run_cli("graft", "--donor", donor, "--text", fixture / "recipient-q6_k.gguf", "-o", out)
         assert res.code == 0, res.stderr
-        g, d = tensors(out), tensors(donor)
+        g, d = gguf_tensors(out), gguf_tensors(donor)
         assert sorted(g) == sorted(d)
         for name in d:
             if name != BREAK:  # the donor's own bytes: F16 and Q8_0 re-encode exactly
@@ -154,7 +150,7 @@ def test_mmproj_donor_keeps_types_and_replaces_the_row(fixture, donor_mmproj, tm
 
 def test_mmproj_donor_outtype_re_encodes(fixture, donor_mmproj, tmp_path):
     out = graft(donor_mmproj, fixture / "recipient.gguf", tmp_path / "m.gguf", outtype="f32").output
-    assert {t.tensor_type for t in tensors(out).values()} == {Q.F32}
+    assert {t.tensor_type for t in gguf_tensors(out).values()} == {Q.F32}
     assert gguf_file.value(gguf.GGUFReader(out), "general.file_type") == gguf.LlamaFileType.ALL_F32
 
 
@@ -181,7 +177,7 @@ def test_mmproj_without_break_row_is_repaired(fixture, donor_mmproj, tmp_path):
             assert enc.encode(make_image(48, 64), 256).shape == (14, 256)
     finally:
         engine.free_text_model(model)
-    assert np.array_equal(np.asarray(tensors(out)[BREAK].data), recipient_row(fixture / "recipient.gguf"))
+    assert np.array_equal(np.asarray(gguf_tensors(out)[BREAK].data), recipient_row(fixture / "recipient.gguf"))
 
 
 def test_token_id_disagreement_writes_nothing(fixture, tmp_path):
@@ -199,7 +195,7 @@ def test_token_remap_takes_the_recipients_ids(fixture, tmp_path):
     report = json.loads(res.stdout)
     assert report["tokens"]["[IMG_BREAK]"] == {"donor": 321, "recipient": 322}
     assert report["notes"] == ["token ids remapped to the recipient's"]
-    assert np.array_equal(np.asarray(tensors(out)[BREAK].data), recipient_row(fixture / "recipient-swapped.gguf", 322))
+    assert np.array_equal(np.asarray(gguf_tensors(out)[BREAK].data), recipient_row(fixture / "recipient-swapped.gguf", 322))
     assert gguf_file.value(gguf.GGUFReader(out), "ggraft.image_token_ids") == [320, 322, 321]
 
 

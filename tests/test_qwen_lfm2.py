@@ -18,7 +18,7 @@ import gguf
 import numpy as np
 import pytest
 
-from conftest import assert_one_line_error, record_fidelity, run_cli
+from conftest import assert_one_line_error, conversion_cache, gguf_tensors, record_fidelity, run_cli
 from ggraft import gguf_file, mmproj
 from ggraft.checkpoint import Checkpoint
 from ggraft.converter import converter_for
@@ -45,21 +45,7 @@ def fixture_dirs():
 @pytest.fixture(scope="module")
 def converted(fixture_dirs, tmp_path_factory):
     """``converted(family, layout, outtype)``: the mmproj, converted once per module."""
-    out_dir = tmp_path_factory.mktemp("qwen-lfm2")
-    done = {}
-
-    def get(family: str, layout: str, outtype: str):
-        key = (family, layout, outtype)
-        if key not in done:
-            conv = converter_for(Checkpoint(fixture_dirs[family] / layout))
-            done[key] = mmproj.convert(conv, out_dir / f"{family}-{layout}-{outtype}.gguf", outtype)
-        return done[key]
-
-    return get
-
-
-def tensors(path) -> dict[str, gguf.ReaderTensor]:
-    return {t.name: t for t in gguf.GGUFReader(path).tensors}
+    return conversion_cache(fixture_dirs, tmp_path_factory.mktemp("qwen-lfm2"))
 
 
 _worst: dict[tuple[str, str], object] = {}  # (family, outtype) -> the lowest report across layouts and images
@@ -83,7 +69,7 @@ def test_fidelity(family, layout, outtype, fixture_dirs, converted):
 
 @pytest.mark.parametrize("family,other", [("qwen2vl", "hf-modules"), ("qwen25vl", "hf-modules"), ("lfm2vl", "hf-hub")])
 def test_layouts_give_the_same_file(family, other, converted):
-    a, b = tensors(converted(family, "hf", "f32")), tensors(converted(family, other, "f32"))
+    a, b = gguf_tensors(converted(family, "hf", "f32")), gguf_tensors(converted(family, other, "f32"))
     assert set(a) == set(b)
     for name, t in a.items():
         assert np.array_equal(t.data, b[name].data), name
@@ -95,7 +81,7 @@ def test_qwen_tensors_and_keys(converted):
         reader = gguf_file.open_gguf(path, "mmproj")
         assert gguf_file.value(reader, gguf.Keys.Clip.PROJECTOR_TYPE) == projector
         assert gguf_file.value(reader, gguf.Keys.ClipVision.SPATIAL_MERGE_SIZE) == 2
-        t = tensors(path)
+        t = gguf_tensors(path)
         # the Conv3d kernel (64, 3, 2, 14, 14) as one Conv2d per frame, at most f16
         for name in ("v.patch_embd.weight", "v.patch_embd.weight.1"):
             assert tuple(t[name].shape) == (14, 14, 3, 64) and t[name].tensor_type == Q.F16
@@ -114,7 +100,7 @@ def test_lfm2_tensors_and_keys(converted):
     assert gguf_file.value(reader, gguf.Keys.Clip.PROJECTOR_TYPE) == "lfm2"
     assert gguf_file.value(reader, gguf.Keys.ClipVision.Projector.SCALE_FACTOR) == 2
     assert gguf_file.value(reader, gguf.Keys.ClipVision.IMAGE_SIZE) == 256  # the 16x16 position grid
-    t = tensors(path)
+    t = gguf_tensors(path)
     assert tuple(t["v.patch_embd.weight"].shape) == (16, 16, 3, 64) and t["v.patch_embd.weight"].tensor_type == Q.F16
     assert t["v.position_embd.weight"].tensor_type == Q.F32
     assert {"mm.input_norm.weight", "mm.1.weight", "mm.2.weight", "v.post_ln.weight"} <= set(t)

@@ -14,7 +14,7 @@ import gguf
 import numpy as np
 import pytest
 
-from conftest import assert_one_line_error, record_fidelity, run_cli
+from conftest import assert_one_line_error, conversion_cache, gguf_tensors, record_fidelity, run_cli
 from ggraft import gguf_file, mmproj
 from ggraft.checkpoint import Checkpoint
 from ggraft.converter import converter_for
@@ -38,21 +38,7 @@ def fixture_dirs():
 @pytest.fixture(scope="module")
 def converted(fixture_dirs, tmp_path_factory):
     """``converted(family, layout, outtype)``: the mmproj, converted once per module."""
-    out_dir = tmp_path_factory.mktemp("siglip")
-    done = {}
-
-    def get(family: str, layout: str, outtype: str):
-        key = (family, layout, outtype)
-        if key not in done:
-            conv = converter_for(Checkpoint(fixture_dirs[family] / layout))
-            done[key] = mmproj.convert(conv, out_dir / f"{family}-{layout}-{outtype}.gguf", outtype)
-        return done[key]
-
-    return get
-
-
-def tensors(path) -> dict[str, gguf.ReaderTensor]:
-    return {t.name: t for t in gguf.GGUFReader(path).tensors}
+    return conversion_cache(fixture_dirs, tmp_path_factory.mktemp("siglip"))
 
 
 _worst: dict[tuple[str, str], object] = {}  # (family, outtype) -> the lowest report across layouts
@@ -66,7 +52,7 @@ def test_fidelity(family, layout, outtype, fixture_dirs, converted):
         # llama.cpp's gemma3 graph copies mm.input_projection transposed (ggml_cont(ggml_transpose));
         # for a block-quantized tensor that copy overruns its buffer and corrupts the heap
         # ("free(): invalid size"), so the file must keep it unquantized, as llama.cpp's converter does
-        kept = tensors(out)["mm.input_projection.weight"].tensor_type
+        kept = gguf_tensors(out)["mm.input_projection.weight"].tensor_type
         assert kept in (Q.F32, Q.F16, Q.BF16), f"mm.input_projection.weight written as {kept.name}"
     report = verify(fixture_dirs[family] / layout, out, text=fixture_dirs[family] / "text.gguf")
     assert report.result is not None, report.problem
@@ -89,7 +75,7 @@ def test_gemma3_keys_and_tensors(converted, fixture_dirs):
     assert v("clip.vision.projection_dim") == 96 and v("clip.use_gelu") is True
     assert v("clip.vision.attention.layer_norm_epsilon") == pytest.approx(1e-6)
     assert np.allclose(v("clip.vision.image_mean"), CLIP_MEAN)  # from preprocessor_config.json
-    t = tensors(path)
+    t = gguf_tensors(path)
     assert {"mm.input_projection.weight", "mm.soft_emb_norm.weight", "v.post_ln.weight", "v.blk.2.ffn_down.weight"} <= set(t)
     ckpt = Checkpoint(fixture_dirs["gemma3"] / "hf")
     norm = ckpt.load("multi_modal_projector.mm_soft_emb_norm.weight")
@@ -118,7 +104,7 @@ def test_idefics3_without_splitting_is_not_tiled(fixture_dirs, tmp_path):
 
 
 def assert_same_tensors(path_a, path_b):
-    a, b = tensors(path_a), tensors(path_b)
+    a, b = gguf_tensors(path_a), gguf_tensors(path_b)
     assert sorted(a) == sorted(b)
     for name in a:
         assert np.array_equal(np.asarray(a[name].data), np.asarray(b[name].data)), name
@@ -161,7 +147,7 @@ def test_gemma3_siglip_head_is_left_out(fixture_dirs, tmp_path):
             "vision_tower.head.mlp.fc1.weight": np.zeros((160, 64), np.float32)}
     src = variant(fixture_dirs["gemma3"] / "hf", tmp_path / "with-head", extra=head)
     out = mmproj.convert(converter_for(Checkpoint(src)), tmp_path / "m.gguf", "f32")
-    assert not any("head" in name for name in tensors(out))
+    assert not any("head" in name for name in gguf_tensors(out))
 
 
 @pytest.mark.parametrize("family,stray", [
