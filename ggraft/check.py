@@ -27,6 +27,7 @@ from . import gguf_file
 from .boundary_tokens import BOUNDARY_TOKENS, LLAMA_CPP_PYTHON, LLAMA_CPP_SOURCE
 from .errors import InputError
 from .gguf_file import GGUFIndex
+from .runtime_defects import defects_for
 
 ERROR, WARNING, INFO = "error", "warning", "info"
 K = gguf.Keys
@@ -471,7 +472,16 @@ def _chat_template(p: _Pair) -> None:
         r.add("chat-template", INFO, "the chat template places images")
 
 
-CHECKS: tuple[Callable[[_Pair], None], ...] = (_general, _vision, _width, _boundaries, _img_break, _chat_template)
+def _runtime_defects(p: _Pair) -> None:
+    installed = installed_llama_cpp_python()
+    for d in defects_for(p.projector, lambda name: p.mmproj.tensor(name) is not None, installed):
+        p.report.add("runtime-defect", WARNING, f"known llama.cpp defect for {d.projector!r} in llama-cpp-python "
+                     f"{installed}: {d.summary} ({d.reference})",
+                     "the pair runs, but its image embeddings differ from transformers'; see `ggraft verify`")
+
+
+CHECKS: tuple[Callable[[_Pair], None], ...] = (_general, _vision, _width, _boundaries, _img_break, _chat_template,
+                                               _runtime_defects)
 
 
 def check_pair(text: str | Path, mmproj: str | Path) -> CheckReport:

@@ -113,6 +113,26 @@ def test_llava_pair_is_compatible(llava_fixture, llava_mmproj):
     assert table.code == 0 and "compatible" in table.stdout and "width" in table.stdout
 
 
+def test_known_runtime_defects_are_warned_about():
+    from ggraft.runtime_defects import defects_for
+
+    has_cls = lambda name: name == "v.class_embd"  # noqa: E731
+    assert [d.reference for d in defects_for("mlp", has_cls, "0.3.36")] == ["ggml-org/llama.cpp#25814"]
+    assert defects_for("mlp", lambda name: False, "0.3.36") == []  # no CLS, no defect
+    assert defects_for("mlp", has_cls, "0.4.0") == [] and defects_for("gemma3", has_cls, "0.3.36") == []
+    assert len(defects_for("pixtral", lambda name: False, "0.3.30")) == 1
+
+
+def test_llava_pair_warns_of_the_cls_defect(llava_fixture, llava_mmproj):
+    from ggraft.check import installed_llama_cpp_python
+
+    report = check_pair(llava_fixture / "text.gguf", llava_mmproj)
+    defects = [f for f in report.findings if f.code == "runtime-defect"]
+    if installed_llama_cpp_python() == "0.3.36":
+        assert report.ok and len(defects) == 1 and defects[0].severity == "warning"
+        assert "25814" in defects[0].message
+
+
 def test_llava_swapped_and_duplicated(llava_fixture, llava_mmproj):
     text = llava_fixture / "text.gguf"
     assert_one_line_error(run_cli("check", llava_mmproj, text), "wrong way round", f"ggraft check {text} {llava_mmproj}")
