@@ -171,11 +171,12 @@ def converter_for(ckpt: Checkpoint) -> Converter:
     """The converter for a checkpoint, or an error naming the architecture and the supported ones."""
     registry = discover()
     arch = ckpt.architecture
-    candidates = registry.get(arch, [])
-    reasons = [r for cls in candidates if (r := cls.refuses(ckpt.config))]
-    for cls in candidates:
-        if cls.refuses(ckpt.config) is None:
+    reasons = []
+    for cls in registry.get(arch, []):
+        reason = cls.refuses(ckpt.config)
+        if reason is None:
             return cls(ckpt)
+        reasons.append(reason)
     if reasons:
         raise UnsupportedModelError(f"{ckpt.path}: {arch}: {reasons[0]}")
     supported = ", ".join(sorted(registry))
