@@ -30,6 +30,22 @@ def run_cli(*args: str | Path, cwd: Path | None = None, timeout: int = 600) -> C
     return CliResult(p.returncode, p.stdout, p.stderr)
 
 
+def pair_warnings(text: Path, mmproj: Path) -> list[str]:
+    """The warnings ``ggraft check`` gives for a pair (e.g. a known llama.cpp runtime defect for
+    the installed llama-cpp-python), which ``run``/``pack`` pass on to the user."""
+    from ggraft.check import check_pair
+
+    return [f.message for f in check_pair(text, mmproj).findings if f.severity == "warning"]
+
+
+def without_warnings(result: CliResult, warnings: list[str]) -> CliResult:
+    """``result`` with exactly these ``Warning: ...`` lines removed from stderr."""
+    lines = result.stderr.splitlines(keepends=True)
+    for w in warnings:
+        lines.remove(f"Warning: {w}\n")
+    return CliResult(result.code, result.stdout, "".join(lines))
+
+
 def assert_one_line_error(result: CliResult, *needles: str) -> None:
     """Exit 2, a single 'Error:' line (plus an optional 'Hint:'), no traceback, naming ``needles``."""
     assert result.code == 2, (result.code, result.stdout, result.stderr)

@@ -12,7 +12,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, pair_warnings, run_cli
 
 from ggraft import __version__, pack
 from ggraft.check import check_pair
@@ -115,7 +115,7 @@ def test_lmstudio_layout_is_complete_and_verifiable(pair, tmp_path):
     for field in (f"# {NAME}", f"| Recipient (text model) | {NAME} (`llama`) |",
                   "| Donor (vision encoder) | hf (LlavaForConditionalGeneration) |", "| Projector type | `mlp` |",
                   "text embedding 96; projector output 96; vision encoder 64 (3 blocks, image 56 px, patch 14)",
-                  "| Check | passed (0 errors, 0 warnings) |", f"| ggraft | {__version__} |",
+                  f"| Check | passed (0 errors, {len(pair_warnings(text, mmproj))} warnings) |", f"| ggraft | {__version__} |",
                   f"- `ggraft.version`: {__version__}", "- `ggraft.source_architecture`: LlavaForConditionalGeneration",
                   f"llama-mtmd-cli -m {text_file} --mmproj {mmproj_file}", f"`{sha256(folder / text_file)}`"):
         assert field in card, field
