@@ -3,6 +3,9 @@
 # torch is the CPU build that lies on this machine's disk (2.13.0); llama-cpp-python is pinned
 # in pyproject.toml and builds from source the first time (about 6 minutes on 2 cores).
 
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -26,10 +29,12 @@ demo: venv
 	$(BIN)/python -m fixtures.demo
 
 bench: venv
-	$(BIN)/python benchmarks/bench_convert.py
-	$(BIN)/python benchmarks/bench_check.py
-	$(BIN)/python benchmarks/bench_run.py
-	$(BIN)/python benchmarks/bench_merge.py
+	mkdir -p benchmarks/.work/results
+	$(BIN)/python benchmarks/bench_convert.py | tee benchmarks/.work/results/convert.txt
+	$(BIN)/python benchmarks/bench_check.py | tee benchmarks/.work/results/check.txt
+	$(BIN)/python benchmarks/bench_run.py | tee benchmarks/.work/results/run.txt
+	$(BIN)/python benchmarks/bench_merge.py | tee benchmarks/.work/results/merge.txt
+	$(BIN)/python benchmarks/update_readme.py
 
 families-table: venv
 	$(BIN)/python docs/families_table.py
