@@ -99,9 +99,10 @@ class GGUFIndex:
         (n,) = struct.unpack_from(self.order + "Q", self._buf, start)
         return self._buf[start + 8:start + 8 + n].decode("utf-8", errors="replace")
 
-    def find_strings(self, key: str, wanted: list[str]) -> dict[str, int]:
-        """Index of each of ``wanted`` in the string array ``key`` (exact match; absent ones left out).
-        Searches the raw bytes, so a 150k-token vocab is not decoded."""
+    def find_strings(self, key: str, wanted: list[str], last: bool = False) -> dict[str, int]:
+        """Index of each of ``wanted`` in the string array ``key`` (exact match; absent ones left out;
+        the first occurrence, or the last with ``last``).  Searches the raw bytes, so a 150k-token
+        vocab is not decoded."""
         field = self.fields.get(key)
         if field is None or field.item_type != VT.STRING or not field.count:
             return {}
@@ -111,13 +112,16 @@ class GGUFIndex:
         for text in dict.fromkeys(wanted):
             raw = text.encode()
             pattern = struct.pack(self.order + "Q", len(raw)) + raw
-            pos = self._buf.find(pattern, int(starts[0]), end)
+            search = self._buf.rfind if last else self._buf.find
+            lo, hi = int(starts[0]), end
+            pos = search(pattern, lo, hi)
             while pos >= 0:
                 i = bisect_left(starts, pos)
                 if i < len(starts) and starts[i] == pos:
                     found[text] = i
                     break
-                pos = self._buf.find(pattern, pos + 1, end)
+                lo, hi = (lo, pos + len(pattern) - 1) if last else (pos + 1, hi)
+                pos = search(pattern, lo, hi)
         return found
 
     def tensor(self, name: str) -> TensorInfo | None:

@@ -37,28 +37,23 @@ P = mmproj.PROVENANCE_PREFIX
 
 
 # -- the recipient's vocab ---------------------------------------------------------------------
-def vocab_tokens(reader: gguf.GGUFReader, wanted: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+def vocab_tokens(index: gguf_file.GGUFIndex, wanted: tuple[str, ...]) -> dict[str, tuple[int, int]]:
     """{token: (id, llama token type)} for the ``wanted`` tokens a text GGUF's vocab has (as in
-    llama.cpp, a piece listed twice means its last id)."""
-    pieces = reader.get_field(gguf.Keys.Tokenizer.LIST)
-    types = reader.get_field(gguf.Keys.Tokenizer.TOKEN_TYPE)
-    if pieces is None:
-        raise InputError(f"{reader.path}: has no vocab ({gguf.Keys.Tokenizer.LIST})")
-    want = {t.encode(): t for t in wanted}
-    found: dict[str, tuple[int, int]] = {}
-    for tid, part in enumerate(pieces.data):
-        piece = pieces.parts[part].tobytes()
-        if piece in want:
-            kind = int(types.parts[types.data[tid]][0]) if types is not None and tid < len(types.data) else 1
-            found[want[piece]] = (tid, kind)
-    return found
+    llama.cpp, a piece listed twice means its last id).  Looked up in the raw header bytes, so a
+    150k-token vocab is not decoded."""
+    if gguf.Keys.Tokenizer.LIST not in index.fields:
+        raise InputError(f"{index.path}: has no vocab ({gguf.Keys.Tokenizer.LIST})")
+    ids = index.find_strings(gguf.Keys.Tokenizer.LIST, list(wanted), last=True)
+    types_field = index.fields.get(gguf.Keys.Tokenizer.TOKEN_TYPE)
+    types = index.numbers(types_field) if types_field is not None and types_field.item_type != gguf.GGUFValueType.STRING else None
+    return {t: (i, int(types[i]) if types is not None and i < len(types) else 1) for t, i in ids.items()}
 
 
 def is_special(kind: int) -> bool:
     return kind in SPECIAL_TYPES
 
 
-def header_sha256(path: Path, reader: gguf.GGUFReader) -> str:
+def header_sha256(path: Path, reader: gguf_file.GGUFIndex | gguf.GGUFReader) -> str:
     """sha256 of a GGUF's header part: everything before the tensor data (keys, vocab, tensor infos)."""
     with open(path, "rb") as f:
         return hashlib.sha256(f.read(reader.data_offset)).hexdigest()
@@ -153,7 +148,7 @@ def graft(donor: str | Path, text: str | Path, out: str | Path, outtype: str | N
     if out.resolve() in (Path(donor).resolve(), text.resolve()):
         raise InputError(f"{out}: the output would overwrite an input")
     qtype = mmproj.parse_outtype(outtype) if outtype else None
-    recipient = gguf_file.open_gguf(text, "text GGUF")
+    recipient = gguf_file.scan_gguf(text, "text GGUF")  # header index: no vocab decoding
     arch = gguf_file.value(recipient, gguf.Keys.General.ARCHITECTURE, "")
     if arch == "clip":
         raise InputError(f"{text}: is an mmproj; --text takes the recipient's text GGUF")
@@ -188,7 +183,7 @@ def graft(donor: str | Path, text: str | Path, out: str | Path, outtype: str | N
     return report
 
 
-def recipient_row(reader: gguf.GGUFReader, tid: int, width: int) -> np.ndarray:
+def recipient_row(reader: gguf_file.GGUFIndex, tid: int, width: int) -> np.ndarray:
     row = gguf_file.tensor_row(reader, TOKEN_EMBD, tid)
     if row.shape != (width,) or not np.isfinite(row).all():
         raise InputError(f"{reader.path}: {TOKEN_EMBD} row {tid} is not {width} finite values")

@@ -224,3 +224,22 @@ def test_bad_inputs_are_one_line(fixture, grafted, tmp_path):
     assert out.read_bytes() == b"keep"
     onto_input = run_cli("graft", "--donor", grafted, "--text", fixture / "recipient.gguf", "-o", grafted, "--force")
     assert_one_line_error(onto_input, "overwrite an input")
+
+
+def test_vocab_lookup_takes_the_last_of_a_repeated_piece(tmp_path):
+    """As llama.cpp's vocab does, a piece listed twice resolves to its last id."""
+    from ggraft.graft import vocab_tokens
+
+    path = tmp_path / "dup.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(["a", "[IMG]", "xx[IMG]", "[IMG]", "b"])
+    w.add_token_types([1, 3, 1, 4, 1])
+    w.add_tensor("output_norm.weight", np.ones(4, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    index = gguf_file.scan_gguf(path)
+    assert vocab_tokens(index, ("[IMG]", "b", "zz")) == {"[IMG]": (3, 4), "b": (4, 1)}
+    assert index.find_strings(gguf.Keys.Tokenizer.LIST, ["[IMG]"]) == {"[IMG]": 1}
