@@ -44,21 +44,33 @@ _GGML = _load_ggml_cpu()
 ACCELERATED = _GGML is not None
 
 
-def to_float32(half: np.ndarray) -> np.ndarray:
-    """A float16 array as float32 (a new array)."""
+def to_float32(half: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """A float16 array as float32: a new array, or ``out`` (C-contiguous, of the same shape)."""
+    if out is None:
+        out = np.empty(np.shape(half), np.float32)
     if _GGML is None:
-        return half.astype(np.float32)
+        out[...] = half
+        return out
     half = np.ascontiguousarray(half, np.float16)
-    out = np.empty(half.shape, np.float32)
+    _check_out(out, half.shape, np.float32)
     _GGML.ggml_cpu_fp16_to_fp32(half.ctypes.data, out.ctypes.data, half.size)
     return out
 
 
-def to_float16(single: np.ndarray) -> np.ndarray:
-    """A float32 array as float16 (a new array), rounding to nearest even."""
+def to_float16(single: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """A float32 array as float16, rounding to nearest even: a new array, or ``out``
+    (C-contiguous, of the same shape)."""
+    if out is None:
+        out = np.empty(np.shape(single), np.float16)
     if _GGML is None:
-        return single.astype(np.float16)
+        out[...] = single
+        return out
     single = np.ascontiguousarray(single, np.float32)
-    out = np.empty(single.shape, np.float16)
+    _check_out(out, single.shape, np.float16)
     _GGML.ggml_cpu_fp32_to_fp16(single.ctypes.data, out.ctypes.data, single.size)
     return out
+
+
+def _check_out(out: np.ndarray, shape: tuple[int, ...], dtype) -> None:
+    if out.shape != shape or out.dtype != dtype or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous {np.dtype(dtype)} array of shape {shape}")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import mmap
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -31,9 +31,10 @@ from .. import __version__, gguf_file
 from ..errors import InputError
 from ..mmproj import FILE_TYPES, OUTTYPES, PROVENANCE_PREFIX, atomic_path, check_output, parse_outtype, progress_bar
 from .. import fp16
+from .buffers import Scratch
 from .config import MergeConfig, ModelSpec
 from .methods import CHUNK_ELEMENTS, Contribution
-from .plan import TensorPlan, Workers, merged_rows, plan_tensors
+from .plan import TensorPlan, Workers, copy_float32, merged_rows, plan_tensors
 
 Q = gguf.GGMLQuantizationType
 VOCAB_TENSORS = ("token_embd.weight", "output.weight")
@@ -47,10 +48,10 @@ NOT_COPIED = (gguf.Keys.General.ARCHITECTURE, gguf.Keys.General.FILE_TYPE,
 
 
 class GgufRows:
-    """One GGUF tensor as rows (leading dimensions flattened), dequantized on read; the mapped
-    pages of rows ``done`` with are handed back."""
+    """One GGUF tensor as rows (leading dimensions flattened), dequantized on read (float16: into
+    its model's scratch); the mapped pages of rows ``done`` with are handed back."""
 
-    def __init__(self, tensor: gguf.ReaderTensor, mapped: mmap.mmap | None):
+    def __init__(self, tensor: gguf.ReaderTensor, mapped: mmap.mmap | None, scratch: Scratch):
         shape = numpy_shape(tensor)
         self.row_len = shape[-1] if shape else 1
         self.n_rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
@@ -59,11 +60,12 @@ class GgufRows:
         self._mapped, self._start = mapped, tensor.data_offset
         self._row_bytes = tensor.n_bytes // self.n_rows
         self._released = self._start - self._start % PAGE
+        self._scratch = scratch
 
     def read(self, first: int, stop: int) -> np.ndarray:
         raw = self._data[first:stop]
         if self.type == Q.F16:
-            return fp16.to_float32(raw)
+            return fp16.to_float32(raw, out=self._scratch.array(raw.shape, np.float32))
         return raw if self.type == Q.F32 else gguf.quants.dequantize(raw, self.type)
 
     def done(self, stop: int) -> None:
@@ -82,6 +84,7 @@ class GgufInput:
     spec: ModelSpec
     reader: gguf.GGUFReader
     tensors: dict[str, gguf.ReaderTensor]
+    scratch: Scratch = field(default_factory=Scratch)
 
     @property
     def label(self) -> str:
@@ -89,7 +92,7 @@ class GgufInput:
 
     def rows(self, name: str) -> GgufRows:
         mapped = getattr(self.reader.data, "_mmap", None)  # numpy.memmap's mmap
-        return GgufRows(self.tensors[name], mapped if hasattr(mmap, "MADV_DONTNEED") else None)
+        return GgufRows(self.tensors[name], mapped if hasattr(mmap, "MADV_DONTNEED") else None, self.scratch)
 
     def release(self, name: str) -> None:
         t = self.tensors[name]
@@ -233,8 +236,10 @@ def _encoded_chunks(config: MergeConfig, inputs: list[GgufInput], plan: TensorPl
     reference = inputs[0].rows(plan.name)
     base = by_ref[config.base.ref].rows(plan.name) if config.method.needs_base else None
     models = [Contribution(by_ref[m.ref].rows(plan.name), m.weight, m.density) for m in config.models]
-    def encode(rows: np.ndarray) -> np.ndarray:
-        return fp16.to_float16(rows) if qtype == Q.F16 else gguf.quants.quantize(rows, qtype)
+    def encode(rows: np.ndarray, out: Callable[..., np.ndarray]) -> np.ndarray:
+        if qtype == Q.F16:
+            return fp16.to_float16(rows, out=out(rows.shape, np.float16))
+        return copy_float32(rows, out) if qtype == Q.F32 else gguf.quants.quantize(rows, qtype)
 
     return merged_rows(config.method, plan, reference, base, models, config.settings, chunk_elements,
                        encode=encode, workers=workers)

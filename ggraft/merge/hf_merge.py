@@ -22,7 +22,7 @@ import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import gguf
 import numpy as np
@@ -33,9 +33,10 @@ from ..checkpoint import PICKLE_SUFFIXES, INDEX_NAME, Checkpoint, read_json
 from ..errors import InputError, OutputExistsError
 from ..mmproj import PROVENANCE_PREFIX, progress_bar
 from .. import fp16
+from .buffers import Scratch
 from .config import MergeConfig, ModelSpec
 from .methods import CHUNK_ELEMENTS, Contribution
-from .plan import TensorPlan, Workers, merged_rows, plan_tensors
+from .plan import TensorPlan, Workers, copy_float32, merged_rows, plan_tensors
 from .safetensors_out import DEFAULT_SHARD_BYTES, OutTensor, file_bytes, write_checkpoint
 
 #: (saved prefix, canonical prefix) for a backbone nested in a VLM, and for a plain layout
@@ -58,6 +59,7 @@ class HfInput:
     ckpt: Checkpoint
     backbone: dict[str, str] = field(default_factory=dict)
     vision: list[str] = field(default_factory=list)
+    scratch: Scratch = field(default_factory=Scratch)
 
     @property
     def label(self) -> str:
@@ -91,10 +93,11 @@ class HfInput:
 
 
 class CheckpointRows:
-    """A checkpoint tensor as rows (first dimension), read a few rows at a time."""
+    """A checkpoint tensor as rows (first dimension), read a few rows at a time (float16: into
+    its model's scratch)."""
 
-    def __init__(self, ckpt: Checkpoint, name: str):
-        self.ckpt, self.name = ckpt, name
+    def __init__(self, ckpt: Checkpoint, name: str, scratch: Scratch):
+        self.ckpt, self.name, self.scratch = ckpt, name, scratch
         shape = ckpt.shape(name)
         self.n_rows = shape[0] if len(shape) > 1 else 1
         self.row_len = int(np.prod(shape[1:] if len(shape) > 1 else shape, dtype=np.int64))
@@ -104,7 +107,9 @@ class CheckpointRows:
             rows = np.asarray(self.ckpt.load(self.name)).reshape(1, -1)
         else:
             rows = self.ckpt.load_rows(self.name, first, stop - first).reshape(stop - first, self.row_len)
-        return fp16.to_float32(rows) if rows.dtype == np.float16 else rows
+        if rows.dtype != np.float16:
+            return rows
+        return fp16.to_float32(rows, out=self.scratch.array(rows.shape, np.float32))
 
     def done(self, stop: int) -> None:
         pass
@@ -221,12 +226,14 @@ def _merged(config: MergeConfig, inputs: list[HfInput], source: HfInput, plan: T
     """A producer of the merged tensor's bytes, encoded a chunk of rows at a time."""
 
     def rows(model: HfInput) -> CheckpointRows:
-        return CheckpointRows(model.ckpt, model.backbone[plan.name])
+        return CheckpointRows(model.ckpt, model.backbone[plan.name], model.scratch)
 
-    def encode(chunk: np.ndarray) -> np.ndarray:
+    def encode(chunk: np.ndarray, out: Callable[..., np.ndarray]) -> np.ndarray:
         if outtype == "bf16":  # the same round-to-nearest-even as llama.cpp's, via gguf-py
             return gguf.quants.quantize(chunk, gguf.GGMLQuantizationType.BF16)
-        return fp16.to_float16(chunk) if outtype == "f16" else chunk
+        if outtype == "f16":
+            return fp16.to_float16(chunk, out=out(chunk.shape, np.float16))
+        return copy_float32(chunk, out)
 
     def produce():
         by_ref = {m.spec.ref: m for m in inputs}

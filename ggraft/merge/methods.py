@@ -39,6 +39,8 @@ from typing import Callable, ClassVar, Iterator, Protocol, Sequence
 
 import numpy as np
 
+from .buffers import Scratch
+
 CHUNK_ELEMENTS = 1 << 18  # 1 MB of float32 per chunk and model
 
 
@@ -49,7 +51,8 @@ class TensorRows(Protocol):
     row_len: int
 
     def read(self, first: int, stop: int) -> np.ndarray:
-        """Rows ``first:stop`` as a float array (float16/float32 as stored, or dequantized)."""
+        """Rows ``first:stop`` as a float array (float16/float32 as stored, or dequantized);
+        read-only, and valid until the same thread reads this model again."""
 
     def done(self, stop: int) -> None:
         """Rows below ``stop`` will not be read again (their memory may be handed back)."""
@@ -99,21 +102,28 @@ def spans(n_rows: int, step: int) -> Iterator[tuple[int, int]]:
         yield first, min(first + step, n_rows)
 
 
+_SUM, _TERM = Scratch(), Scratch()
+
+
 def linear_combination(sources: Sequence[TensorRows], coefficients: Sequence[float], first: int,
                        stop: int) -> np.ndarray:
-    """``Σ cᵢ·xᵢ`` over rows ``first:stop`` in float32, skipping zero coefficients."""
+    """``Σ cᵢ·xᵢ`` over rows ``first:stop`` in float32, skipping zero coefficients (in this
+    thread's scratch: valid until its next call)."""
     terms = [(s, np.float32(c)) for s, c in zip(sources, coefficients) if c != 0.0]
     shape = (stop - first, sources[0].row_len)
+    acc = _SUM.array(shape, np.float32)
     if not terms:
-        return np.zeros(shape, np.float32)
-    acc = np.multiply(terms[0][0].read(first, stop), terms[0][1], out=np.empty(shape, np.float32))
-    tmp = np.empty_like(acc)
+        acc[...] = 0
+        return acc
+    np.multiply(terms[0][0].read(first, stop), terms[0][1], out=acc)
+    tmp = _TERM.array(shape, np.float32)
     for source, c in terms[1:]:
         acc += np.multiply(source.read(first, stop), c, out=tmp)
     return acc
 
 
-#: rows ``first:stop`` of a tensor's merge, computable in any order and from any thread
+#: rows ``first:stop`` of a tensor's merge, computable in any order and from any thread; the
+#: array returned may be the thread's scratch, valid until the thread's next chunk
 ChunkFunction = Callable[[int, int], np.ndarray]
 
 
@@ -140,7 +150,7 @@ class MergeMethod:
         rows = base if base is not None else models[0].rows
         chunk = self.prepare(tensor, base, models, settings, chunk_elements)
         for first, stop in spans(rows.n_rows, chunk_rows(rows.row_len, chunk_elements)):
-            yield chunk(first, stop)
+            yield chunk(first, stop).copy()
 
 
 class Linear(MergeMethod):

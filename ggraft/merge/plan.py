@@ -18,7 +18,9 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from ..errors import InputError
-from .methods import CHUNK_ELEMENTS, Contribution, MergeMethod, Settings, TensorRows, chunk_rows, spans
+from .buffers import Buffer, BufferPool
+from .methods import (CHUNK_ELEMENTS, ChunkFunction, Contribution, MergeMethod, Settings, TensorRows, chunk_rows,
+                      spans)
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ class Workers:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         self.threads = max(1, threads or cores or 1)
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ggraft-merge") if self.threads > 1 else None
+        self.buffers = BufferPool()  # shared by every tensor of the merge
 
     def __enter__(self) -> "Workers":
         return self
@@ -92,12 +95,24 @@ class Head:
         self.rows.done(stop)
 
 
+#: encodes float32 rows into the output type; ``out(shape, dtype)`` gives a reusable array to
+#: encode into (an encoder may also return a new array)
+Encoder = Callable[[np.ndarray, Callable[..., np.ndarray]], np.ndarray]
+
+
+def copy_float32(rows: np.ndarray, out: Callable[..., np.ndarray]) -> np.ndarray:
+    """The float32 "encoding": the rows, copied out of the computing thread's scratch."""
+    encoded = out(rows.shape, np.float32)
+    encoded[...] = rows
+    return encoded
+
+
 def merged_rows(method: MergeMethod, plan: TensorPlan, reference: TensorRows, base: TensorRows | None,
                 models: Sequence[Contribution], settings: Settings, chunk_elements: int = CHUNK_ELEMENTS,
-                encode: Callable[[np.ndarray], np.ndarray] = lambda rows: rows,
-                workers: Workers | None = None) -> Iterator[np.ndarray]:
+                encode: Encoder = copy_float32, workers: Workers | None = None) -> Iterator[np.ndarray]:
     """``encode``d float32 chunks covering every row of the output tensor, in order; computed by
-    ``workers``' threads when given, a few chunks ahead of the reader."""
+    ``workers``' threads when given, a few chunks ahead of the reader.  A chunk is valid until
+    the next one is asked for (its buffer is then reused)."""
     shared = reference.n_rows if plan.shared_rows is None else plan.shared_rows
     if plan.shared_rows is not None:  # every model read over the shared rows only
         base = Head(base, shared) if base is not None else None
@@ -111,26 +126,28 @@ def merged_rows(method: MergeMethod, plan: TensorPlan, reference: TensorRows, ba
     work = [(merge_chunk, first, stop) for first, stop in spans(shared, step)]
     work += [(kept, first, min(first + step, reference.n_rows)) for first in range(shared, reference.n_rows, step)]
     sources = [reference, *([base] if base is not None else []), *(m.rows for m in models)]
+    pool = workers.buffers if workers is not None else BufferPool()
 
-    def finished(stop: int) -> None:  # every chunk up to ``stop`` has been handed out
-        for source in sources:
+    def encoded(compute: ChunkFunction, first: int, stop: int) -> tuple[np.ndarray, Buffer]:
+        buffer = pool.take()
+        return encode(compute(first, stop), buffer.array), buffer
+
+    def hand_out(chunk: np.ndarray, buffer: Buffer, stop: int) -> Iterator[np.ndarray]:
+        yield chunk
+        pool.give(buffer)  # the reader is done with it
+        for source in sources:  # every chunk up to ``stop`` has been handed out
             source.done(stop)
 
     if workers is None or workers.pool is None:
         for compute, first, stop in work:
-            yield encode(compute(first, stop))
-            finished(stop)
+            yield from hand_out(*encoded(compute, first, stop), stop)
         return
     pending: deque[tuple[Future, int]] = deque()
-
-    def hand_out() -> Iterator[np.ndarray]:
-        future, stop = pending.popleft()
-        yield future.result()
-        finished(stop)
-
     for compute, first, stop in work:
-        pending.append((workers.pool.submit(lambda c=compute, f=first, s=stop: encode(c(f, s))), stop))
+        pending.append((workers.pool.submit(encoded, compute, first, stop), stop))
         if len(pending) >= 2 * workers.threads:
-            yield from hand_out()
+            future, done = pending.popleft()
+            yield from hand_out(*future.result(), done)
     while pending:
-        yield from hand_out()
+        future, done = pending.popleft()
+        yield from hand_out(*future.result(), done)
