@@ -17,7 +17,7 @@ import gguf
 import numpy as np
 from gguf.lazy import LazyNumpyTensor
 
-from . import __version__, fp16
+from . import __version__, numeric
 from .converter import Converter, VisionParams
 from .errors import InputError, OutputExistsError
 
@@ -62,7 +62,10 @@ def convert_tensor(tensor: LazyNumpyTensor, qtype: Q) -> LazyNumpyTensor:
     if tensor.dtype != np.float32:  # (a lazy astype always copies, even to its own dtype)
         tensor = tensor.astype(np.float32)
     if qtype == Q.F16:  # ggml's vectorised rounding, same results as numpy's, ~25x faster
-        return LazyNumpyTensor._wrap_fn(fp16.to_float16, meta_noop=np.float16)(tensor)
+        return LazyNumpyTensor._wrap_fn(numeric.to_float16, meta_noop=np.float16)(tensor)
+    if qtype in numeric.GGML_QUANTIZED:  # ggml's quantizer, same bytes as gguf-py's
+        layout = (np.uint8, lambda shape: numeric.encoded_layout(shape, qtype)[0])
+        return LazyNumpyTensor._wrap_fn(lambda values: numeric.quantize(values, qtype), meta_noop=layout)(tensor)
     return gguf.quants.quantize(tensor, qtype)
 
 

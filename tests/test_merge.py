@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from conftest import assert_one_line_error, run_cli
-from ggraft import gguf_file
+from ggraft import gguf_file, numeric
 from ggraft.errors import InputError
 from ggraft.merge import merge, parse_config
 from ggraft.merge.methods import METHODS, ArrayRows, Contribution, Settings
@@ -166,12 +166,10 @@ def test_embed_common_merges_shared_rows_and_keeps_the_reference_rest():
 
 @pytest.mark.parametrize("accelerated", [True, False])
 def test_float16_conversions_equal_numpy(accelerated, monkeypatch):
-    from ggraft import fp16
-
     if not accelerated:
-        monkeypatch.setattr(fp16, "_GGML", None)
+        monkeypatch.setattr(numeric, "_GGML", None)
     halves = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
-    singles = fp16.to_float32(halves)
+    singles = numeric.to_float32(halves)
     finite = ~np.isnan(singles)
     assert np.array_equal(np.isnan(singles), np.isnan(halves.astype(np.float32)))
     assert np.array_equal(singles[finite].view(np.uint32), halves[finite].astype(np.float32).view(np.uint32))
@@ -180,7 +178,33 @@ def test_float16_conversions_equal_numpy(accelerated, monkeypatch):
     values = np.concatenate([rng.integers(0, 2**32, 1 << 20, dtype=np.uint64).astype(np.uint32).view(np.float32), edge])
     values = values[~np.isnan(values)]
     with np.errstate(over="ignore"):
-        assert np.array_equal(fp16.to_float16(values).view(np.uint16), values.astype(np.float16).view(np.uint16))
+        assert np.array_equal(numeric.to_float16(values).view(np.uint16), values.astype(np.float16).view(np.uint16))
+
+
+@pytest.mark.parametrize("qtype", [gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.BF16])
+def test_ggml_quantization_writes_gguf_py_bytes(qtype):
+    """numeric.quantize hands Q8_0 and BF16 to ggml's quantizer: the same bytes as gguf-py's
+    numpy one for every finite input, also into a given array and in the lazy convert path."""
+    assert numeric.ACCELERATED and qtype in numeric.GGML_QUANTIZED
+    rng = np.random.default_rng(0)
+    values = (rng.standard_normal((64, 256)) * rng.choice([1e-6, 0.02, 3, 1e4], (64, 1))).astype(np.float32)
+    values[0, :40] = 0  # an all-zero block (scale 0)
+    values[1, :] = 1e-30  # a scale that float16 flushes to zero
+    values[2, 3::7] = -values[2, 3::7].round()  # halves and whole numbers: rounding ties
+    values[3, :32] = np.float32(127.5) * np.arange(32) / 31
+    expected = gguf.quants.quantize(values, qtype)
+    assert np.array_equal(numeric.quantize(values, qtype), expected)
+    out = np.empty(*numeric.encoded_layout(values.shape, qtype))
+    assert numeric.quantize(values, qtype, out) is out and np.array_equal(out, expected)
+    from gguf.lazy import LazyNumpyTensor
+    from ggraft.mmproj import convert_tensor
+    lazy = convert_tensor(LazyNumpyTensor.from_eager(values), qtype)
+    assert lazy.shape == expected.shape and np.array_equal(LazyNumpyTensor.to_eager(lazy), expected)
+
+
+def test_ggml_quantization_refuses_partial_blocks_before_ggml_would_abort():
+    with pytest.raises(ValueError, match="not a multiple of Q8_0 block size"):
+        numeric.quantize(np.ones((2, 40), np.float32), gguf.GGMLQuantizationType.Q8_0)
 
 
 # -- config validation ------------------------------------------------------------------------

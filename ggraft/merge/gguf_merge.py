@@ -19,6 +19,7 @@ one float32 tensor for its thresholds).
 from __future__ import annotations
 
 import json
+import math
 import mmap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,14 +28,13 @@ from typing import Callable, Iterator
 import gguf
 import numpy as np
 
-from .. import __version__, gguf_file
+from .. import __version__, gguf_file, numeric
 from ..errors import InputError
 from ..mmproj import FILE_TYPES, OUTTYPES, PROVENANCE_PREFIX, atomic_path, check_output, parse_outtype, progress_bar
-from .. import fp16
 from .buffers import Scratch
 from .config import MergeConfig, ModelSpec
 from .methods import CHUNK_ELEMENTS, Contribution
-from .plan import TensorPlan, Workers, copy_float32, merged_rows, plan_tensors
+from .plan import TensorPlan, Workers, encoder, merged_rows, plan_tensors
 
 Q = gguf.GGMLQuantizationType
 VOCAB_TENSORS = ("token_embd.weight", "output.weight")
@@ -65,7 +65,7 @@ class GgufRows:
     def read(self, first: int, stop: int) -> np.ndarray:
         raw = self._data[first:stop]
         if self.type == Q.F16:
-            return fp16.to_float32(raw, out=self._scratch.array(raw.shape, np.float32))
+            return numeric.to_float32(raw, out=self._scratch.array(raw.shape, np.float32))
         return raw if self.type == Q.F32 else gguf.quants.dequantize(raw, self.type)
 
     def done(self, stop: int) -> None:
@@ -208,11 +208,9 @@ def merge_gguf(config: MergeConfig, out: Path, outtype: str | None = None, force
     write_provenance(w, config, inputs)
     sizes = {}
     for p in plans:
-        row_len = p.shape[-1] if p.shape else 1
-        encoded = gguf.quants.quantize(np.zeros((1, row_len), np.float32), types[p.name])
-        sizes[p.name] = int(np.prod(p.shape, dtype=np.int64)) // row_len * encoded.nbytes
-        info_shape = p.shape if encoded.dtype != np.uint8 else (*p.shape[:-1], encoded.shape[-1])
-        w.add_tensor_info(p.name, info_shape, encoded.dtype, sizes[p.name], raw_dtype=types[p.name])
+        shape, dtype = numeric.encoded_layout(p.shape, types[p.name])
+        sizes[p.name] = math.prod(shape) * dtype.itemsize
+        w.add_tensor_info(p.name, shape, dtype, sizes[p.name], raw_dtype=types[p.name])
 
     total = sum(sizes.values())
     with atomic_path(out) as tmp, progress_bar(total, f"merge {out.name}") as bar, Workers(threads) as workers:
@@ -236,10 +234,5 @@ def _encoded_chunks(config: MergeConfig, inputs: list[GgufInput], plan: TensorPl
     reference = inputs[0].rows(plan.name)
     base = by_ref[config.base.ref].rows(plan.name) if config.method.needs_base else None
     models = [Contribution(by_ref[m.ref].rows(plan.name), m.weight, m.density) for m in config.models]
-    def encode(rows: np.ndarray, out: Callable[..., np.ndarray]) -> np.ndarray:
-        if qtype == Q.F16:
-            return fp16.to_float16(rows, out=out(rows.shape, np.float16))
-        return copy_float32(rows, out) if qtype == Q.F32 else gguf.quants.quantize(rows, qtype)
-
     return merged_rows(config.method, plan, reference, base, models, config.settings, chunk_elements,
-                       encode=encode, workers=workers)
+                       encode=encoder(qtype), workers=workers)

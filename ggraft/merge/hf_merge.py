@@ -22,7 +22,7 @@ import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import gguf
 import numpy as np
@@ -31,12 +31,12 @@ import yaml
 from .. import __version__
 from ..checkpoint import PICKLE_SUFFIXES, INDEX_NAME, Checkpoint, read_json
 from ..errors import InputError, OutputExistsError
-from ..mmproj import PROVENANCE_PREFIX, progress_bar
-from .. import fp16
+from ..mmproj import OUTTYPES, PROVENANCE_PREFIX, progress_bar
+from .. import numeric
 from .buffers import Scratch
 from .config import MergeConfig, ModelSpec
 from .methods import CHUNK_ELEMENTS, Contribution
-from .plan import TensorPlan, Workers, copy_float32, merged_rows, plan_tensors
+from .plan import TensorPlan, Workers, encoder, merged_rows, plan_tensors
 from .safetensors_out import DEFAULT_SHARD_BYTES, OutTensor, file_bytes, write_checkpoint
 
 #: (saved prefix, canonical prefix) for a backbone nested in a VLM, and for a plain layout
@@ -109,7 +109,7 @@ class CheckpointRows:
             rows = self.ckpt.load_rows(self.name, first, stop - first).reshape(stop - first, self.row_len)
         if rows.dtype != np.float16:
             return rows
-        return fp16.to_float32(rows, out=self.scratch.array(rows.shape, np.float32))
+        return numeric.to_float32(rows, out=self.scratch.array(rows.shape, np.float32))
 
     def done(self, stop: int) -> None:
         pass
@@ -228,18 +228,11 @@ def _merged(config: MergeConfig, inputs: list[HfInput], source: HfInput, plan: T
     def rows(model: HfInput) -> CheckpointRows:
         return CheckpointRows(model.ckpt, model.backbone[plan.name], model.scratch)
 
-    def encode(chunk: np.ndarray, out: Callable[..., np.ndarray]) -> np.ndarray:
-        if outtype == "bf16":  # the same round-to-nearest-even as llama.cpp's, via gguf-py
-            return gguf.quants.quantize(chunk, gguf.GGMLQuantizationType.BF16)
-        if outtype == "f16":
-            return fp16.to_float16(chunk, out=out(chunk.shape, np.float16))
-        return copy_float32(chunk, out)
-
     def produce():
         by_ref = {m.spec.ref: m for m in inputs}
         base = rows(by_ref[config.base.ref]) if config.method.needs_base else None
         models = [Contribution(rows(by_ref[m.ref]), m.weight, m.density) for m in config.models]
         return merged_rows(config.method, plan, rows(source), base, models, config.settings, chunk_elements,
-                           encode=encode, workers=workers)
+                           encode=encoder(OUTTYPES[outtype]), workers=workers)
 
     return produce

@@ -15,7 +15,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
+import gguf
 import numpy as np
+
+from .. import numeric
 
 from ..errors import InputError
 from .buffers import Buffer, BufferPool
@@ -96,20 +99,22 @@ class Head:
 
 
 #: encodes float32 rows into the output type; ``out(shape, dtype)`` gives a reusable array to
-#: encode into (an encoder may also return a new array)
+#: encode into
 Encoder = Callable[[np.ndarray, Callable[..., np.ndarray]], np.ndarray]
 
 
-def copy_float32(rows: np.ndarray, out: Callable[..., np.ndarray]) -> np.ndarray:
-    """The float32 "encoding": the rows, copied out of the computing thread's scratch."""
-    encoded = out(rows.shape, np.float32)
-    encoded[...] = rows
-    return encoded
+def encoder(qtype: gguf.GGMLQuantizationType) -> Encoder:
+    """Encoding into ``qtype`` (float32: a copy out of the computing thread's scratch)."""
+
+    def encode(rows: np.ndarray, out: Callable[..., np.ndarray]) -> np.ndarray:
+        return numeric.quantize(rows, qtype, out(*numeric.encoded_layout(rows.shape, qtype)))
+
+    return encode
 
 
 def merged_rows(method: MergeMethod, plan: TensorPlan, reference: TensorRows, base: TensorRows | None,
                 models: Sequence[Contribution], settings: Settings, chunk_elements: int = CHUNK_ELEMENTS,
-                encode: Encoder = copy_float32, workers: Workers | None = None) -> Iterator[np.ndarray]:
+                encode: Encoder = encoder(gguf.GGMLQuantizationType.F32), workers: Workers | None = None) -> Iterator[np.ndarray]:
     """``encode``d float32 chunks covering every row of the output tensor, in order; computed by
     ``workers``' threads when given, a few chunks ahead of the reader.  A chunk is valid until
     the next one is asked for (its buffer is then reused)."""
