@@ -4,6 +4,7 @@ mismatches named, config validation messages and CLI exit codes."""
 from __future__ import annotations
 
 import json
+import os
 import zlib
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from ggraft import gguf_file, numeric
 from ggraft.errors import InputError
 from ggraft.merge import merge, parse_config
 from ggraft.merge.methods import METHODS, ArrayRows, Contribution, Settings
-from ggraft.merge.plan import merged_rows, plan_tensors
+from ggraft.merge.plan import merged_rows, plan_tensors, tensor_merge
 
 ROOT = Path(__file__).resolve().parent.parent
 Q = gguf.GGMLQuantizationType
@@ -154,8 +155,9 @@ def test_embed_common_merges_shared_rows_and_keeps_the_reference_rest():
     small = np.ones((4, 2), np.float32) * 100
     plans = plan_tensors("ref", {"ref": {"emb": (5, 2)}, "small": {"emb": (4, 2)}}, ["emb"], embed_common=True)
     assert plans[0].shared_rows == 4
-    rows = merged_rows(METHODS["linear"], plans[0], ArrayRows(ref), None,
-                       [Contribution(ArrayRows(ref), 1.0), Contribution(ArrayRows(small), 1.0)], Settings(True))
+    merge = tensor_merge(METHODS["linear"], plans[0], ArrayRows(ref), None,
+                         [Contribution(ArrayRows(ref), 1.0), Contribution(ArrayRows(small), 1.0)], Settings(True))
+    rows = merged_rows(merge)
     got = np.concatenate([chunk.copy() for chunk in rows])  # a chunk's buffer is reused for the next
     np.testing.assert_allclose(got[:4], (ref[:4] + small) / 2)
     np.testing.assert_array_equal(got[4], ref[4])
@@ -292,6 +294,20 @@ def test_gguf_q8_inputs_merge_in_f32(fx, tmp_path):
         np.testing.assert_allclose(out[name], expected, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+@pytest.mark.parametrize("outtype", ["f16", "q8_0"])
+def test_gguf_chunks_written_by_threads_equal_an_ordered_write(fx, tmp_path, monkeypatch, outtype):
+    """Worker threads write their chunks at their offsets (os.pwrite); with no pwrite (Windows)
+    the calling thread writes them in order: the same file either way, at any chunking."""
+    cfg = write_config(tmp_path, "task_arithmetic", [(fx / "vlm.gguf", {"weight": 0.7}),
+                                                     (fx / "code.gguf", {"weight": 0.5})], base=fx / "base.gguf")
+    merge(cfg, tmp_path / "threads.gguf", outtype=outtype, chunk_elements=1000, threads=3)
+    merge(cfg, tmp_path / "one.gguf", outtype=outtype, chunk_elements=1 << 18, threads=1)
+    monkeypatch.delattr(os, "pwrite")
+    merge(cfg, tmp_path / "ordered.gguf", outtype=outtype, chunk_elements=1000, threads=3)
+    threads = (tmp_path / "threads.gguf").read_bytes()
+    assert threads == (tmp_path / "one.gguf").read_bytes() == (tmp_path / "ordered.gguf").read_bytes()
+
+
 def test_gguf_q8_output_types_metadata_and_llama_cpp(fx, tmp_path, llava_mmproj):
     cfg = write_config(tmp_path, "task_arithmetic", [(fx / "vlm-q8.gguf", {"weight": 0.7}),
                                                      (fx / "code-q8.gguf", {"weight": 0.5})], base=fx / "base-q8.gguf")
@@ -373,15 +389,19 @@ def test_failure_mid_write_leaves_no_output(fx, tmp_path, monkeypatch):
     from ggraft.merge import gguf_merge
 
     calls = []
-    real = gguf_merge._encoded_chunks
+    real = gguf_merge._tensor_merge
 
-    def failing(*args):
+    def fail(first, stop):
+        raise InputError("simulated failure")
+
+    def failing(*args):  # the 5th tensor fails in the thread computing its last chunk
         calls.append(1)
+        merge = real(*args)
         if len(calls) == 5:
-            raise InputError("simulated failure")
-        return real(*args)
+            merge.chunks[-1] = (fail, *merge.chunks[-1][1:])
+        return merge
 
-    monkeypatch.setattr(gguf_merge, "_encoded_chunks", failing)
+    monkeypatch.setattr(gguf_merge, "_tensor_merge", failing)
     cfg = write_config(tmp_path, "linear", [(fx / "base.gguf", {"weight": 1}), (fx / "code.gguf", {"weight": 1})])
     (tmp_path / "out.gguf").write_bytes(b"old")
     with pytest.raises(InputError, match="simulated"):

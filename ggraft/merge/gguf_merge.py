@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import mmap
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -34,7 +35,8 @@ from ..mmproj import FILE_TYPES, OUTTYPES, PROVENANCE_PREFIX, atomic_path, check
 from .buffers import Scratch
 from .config import MergeConfig, ModelSpec
 from .methods import CHUNK_ELEMENTS, Contribution
-from .plan import TensorPlan, Workers, encoder, merged_rows, plan_tensors
+from .plan import (Encoder, TensorMerge, TensorPlan, Workers, encoder, merged_rows, plan_tensors, tensor_merge,
+                   write_merged)
 
 Q = gguf.GGMLQuantizationType
 VOCAB_TENSORS = ("token_embd.weight", "output.weight")
@@ -49,17 +51,16 @@ NOT_COPIED = (gguf.Keys.General.ARCHITECTURE, gguf.Keys.General.FILE_TYPE,
 
 class GgufRows:
     """One GGUF tensor as rows (leading dimensions flattened), dequantized on read (float16: into
-    its model's scratch); the mapped pages of rows ``done`` with are handed back."""
+    its model's scratch); the mapped pages of rows merged are handed back."""
 
     def __init__(self, tensor: gguf.ReaderTensor, mapped: mmap.mmap | None, scratch: Scratch):
         shape = numpy_shape(tensor)
         self.row_len = shape[-1] if shape else 1
-        self.n_rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+        self.n_rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
         self.type = tensor.tensor_type
-        self._data = tensor.data.reshape(self.n_rows, -1)
+        self._data = tensor.data.view(np.ndarray).reshape(self.n_rows, -1)  # (slicing a memmap costs more)
         self._mapped, self._start = mapped, tensor.data_offset
         self._row_bytes = tensor.n_bytes // self.n_rows
-        self._released = self._start - self._start % PAGE
         self._scratch = scratch
 
     def read(self, first: int, stop: int) -> np.ndarray:
@@ -68,15 +69,15 @@ class GgufRows:
             return numeric.to_float32(raw, out=self._scratch.array(raw.shape, np.float32))
         return raw if self.type == Q.F32 else gguf.quants.dequantize(raw, self.type)
 
-    def done(self, stop: int) -> None:
-        self.release(self._start + min(stop, self.n_rows) * self._row_bytes)
-
-    def release(self, upto: int) -> None:
-        """Drop mapped pages below byte ``upto`` from this process (the page cache keeps them)."""
-        end = upto - upto % PAGE
-        if self._mapped is not None and end > self._released:
-            self._mapped.madvise(mmap.MADV_DONTNEED, self._released, end - self._released)
-            self._released = end
+    def release(self, first: int, stop: int) -> None:
+        """Drop the mapped pages of rows ``first:stop`` from this process; the page cache keeps
+        them, so a page shared with rows still being read is simply mapped again."""
+        if self._mapped is None:
+            return
+        low = self._start + first * self._row_bytes
+        high = self._start + min(stop, self.n_rows) * self._row_bytes
+        low -= low % PAGE
+        self._mapped.madvise(mmap.MADV_DONTNEED, low, high - low + -high % PAGE)
 
 
 @dataclass
@@ -95,25 +96,42 @@ class GgufInput:
         return GgufRows(self.tensors[name], mapped if hasattr(mmap, "MADV_DONTNEED") else None, self.scratch)
 
     def release(self, name: str) -> None:
-        t = self.tensors[name]
-        self.rows(name).release(t.data_offset + t.n_bytes + PAGE - 1)
+        rows = self.rows(name)
+        rows.release(0, rows.n_rows)
 
 
 class StreamedTensor:
     """Tensor data for ``GGUFWriter.write_tensor_data``, which asks it only for ``nbytes`` and
-    ``tofile(fout)``: chunks are encoded and written one at a time, no whole tensor is held."""
+    ``tofile(fout)``: no whole tensor is held.  Each chunk is written at its offset in the file
+    by the thread that computed it (``os.pwrite``), so writing runs in parallel with computing;
+    where the OS has no ``pwrite``, chunks are written in order by the calling thread."""
 
-    def __init__(self, nbytes: int, chunks: Iterator[np.ndarray], progress: Callable[[int], None]):
-        self.nbytes, self._chunks, self._progress = nbytes, chunks, progress
+    def __init__(self, nbytes: int, row_bytes: int, merge: TensorMerge, encode: Encoder, workers: Workers,
+                 progress: Callable[[int], None]):
+        self.nbytes, self._row_bytes, self._merge, self._encode = nbytes, row_bytes, merge, encode
+        self._workers, self._progress = workers, progress
 
     def tofile(self, fout) -> None:
+        fout.flush()
+        start, fd = fout.tell(), fout.fileno()
+
+        def write_at(first_row: int, encoded: np.ndarray) -> None:
+            data, offset = memoryview(encoded).cast("B"), start + first_row * self._row_bytes
+            while data:
+                n = os.pwrite(fd, data, offset)
+                data, offset = data[n:], offset + n
+
+        if hasattr(os, "pwrite"):
+            sizes = write_merged(self._merge, self._encode, write_at, self._workers)
+        else:
+            sizes = (fout.write(memoryview(c).cast("B")) for c in merged_rows(self._merge, self._encode, self._workers))
         written = 0
-        for chunk in self._chunks:
-            fout.write(np.ascontiguousarray(chunk).reshape(-1).view(np.uint8))
-            written += chunk.nbytes
-            self._progress(chunk.nbytes)
+        for n in sizes:
+            written += n
+            self._progress(n)
         if written != self.nbytes:
             raise InputError(f"merge produced {written} bytes for a tensor of {self.nbytes}")
+        fout.seek(start + written)
 
 
 def numpy_shape(tensor: gguf.ReaderTensor) -> tuple[int, ...]:
@@ -219,20 +237,20 @@ def merge_gguf(config: MergeConfig, out: Path, outtype: str | None = None, force
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         for p in plans:
-            chunks = _encoded_chunks(config, inputs, p, types[p.name], chunk_elements, workers)
-            w.write_tensor_data(StreamedTensor(sizes[p.name], chunks, lambda n: bar.advance(task, n)))
+            merge = _tensor_merge(config, inputs, p, chunk_elements)
+            row_bytes = sizes[p.name] // max(1, math.prod(p.shape[:-1]))
+            w.write_tensor_data(StreamedTensor(sizes[p.name], row_bytes, merge, encoder(types[p.name]), workers,
+                                               lambda n: bar.advance(task, n)))
             for model in inputs:
                 model.release(p.name)
         w.close()
     return len(plans), outtype
 
 
-def _encoded_chunks(config: MergeConfig, inputs: list[GgufInput], plan: TensorPlan, qtype: Q,
-                    chunk_elements: int, workers: Workers) -> Iterator[np.ndarray]:
-    """The tensor's merged rows in its output type, a chunk at a time."""
+def _tensor_merge(config: MergeConfig, inputs: list[GgufInput], plan: TensorPlan,
+                  chunk_elements: int) -> TensorMerge:
     by_ref = {m.spec.ref: m for m in inputs}
     reference = inputs[0].rows(plan.name)
     base = by_ref[config.base.ref].rows(plan.name) if config.method.needs_base else None
     models = [Contribution(by_ref[m.ref].rows(plan.name), m.weight, m.density) for m in config.models]
-    return merged_rows(config.method, plan, reference, base, models, config.settings, chunk_elements,
-                       encode=encoder(qtype), workers=workers)
+    return tensor_merge(config.method, plan, reference, base, models, config.settings, chunk_elements)

@@ -36,7 +36,7 @@ from .. import numeric
 from .buffers import Scratch
 from .config import MergeConfig, ModelSpec
 from .methods import CHUNK_ELEMENTS, Contribution
-from .plan import TensorPlan, Workers, encoder, merged_rows, plan_tensors
+from .plan import TensorPlan, Workers, encoder, merged_rows, plan_tensors, tensor_merge
 from .safetensors_out import DEFAULT_SHARD_BYTES, OutTensor, file_bytes, write_checkpoint
 
 #: (saved prefix, canonical prefix) for a backbone nested in a VLM, and for a plain layout
@@ -111,7 +111,7 @@ class CheckpointRows:
             return rows
         return numeric.to_float32(rows, out=self.scratch.array(rows.shape, np.float32))
 
-    def done(self, stop: int) -> None:
+    def release(self, first: int, stop: int) -> None:
         pass
 
 
@@ -232,7 +232,7 @@ def _merged(config: MergeConfig, inputs: list[HfInput], source: HfInput, plan: T
         by_ref = {m.spec.ref: m for m in inputs}
         base = rows(by_ref[config.base.ref]) if config.method.needs_base else None
         models = [Contribution(rows(by_ref[m.ref]), m.weight, m.density) for m in config.models]
-        return merged_rows(config.method, plan, rows(source), base, models, config.settings, chunk_elements,
-                           encode=encoder(OUTTYPES[outtype]), workers=workers)
+        merge = tensor_merge(config.method, plan, rows(source), base, models, config.settings, chunk_elements)
+        return merged_rows(merge, encoder(OUTTYPES[outtype]), workers)
 
     return produce

@@ -54,8 +54,8 @@ class TensorRows(Protocol):
         """Rows ``first:stop`` as a float array (float16/float32 as stored, or dequantized);
         read-only, and valid until the same thread reads this model again."""
 
-    def done(self, stop: int) -> None:
-        """Rows below ``stop`` will not be read again (their memory may be handed back)."""
+    def release(self, first: int, stop: int) -> None:
+        """Rows ``first:stop`` will not be read again (their memory may be handed back)."""
 
 
 class ArrayRows:
@@ -70,7 +70,7 @@ class ArrayRows:
     def read(self, first: int, stop: int) -> np.ndarray:
         return self._rows[first:stop]
 
-    def done(self, stop: int) -> None:
+    def release(self, first: int, stop: int) -> None:
         pass
 
 

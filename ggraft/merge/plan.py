@@ -19,9 +19,8 @@ import gguf
 import numpy as np
 
 from .. import numeric
-
 from ..errors import InputError
-from .buffers import Buffer, BufferPool
+from .buffers import Buffer, BufferPool, Scratch
 from .methods import (CHUNK_ELEMENTS, ChunkFunction, Contribution, MergeMethod, Settings, TensorRows, chunk_rows,
                       spans)
 
@@ -94,8 +93,8 @@ class Head:
     def read(self, first: int, stop: int) -> np.ndarray:
         return self.rows.read(first, stop)
 
-    def done(self, stop: int) -> None:
-        self.rows.done(stop)
+    def release(self, first: int, stop: int) -> None:
+        self.rows.release(first, min(stop, self.n_rows))
 
 
 #: encodes float32 rows into the output type; ``out(shape, dtype)`` gives a reusable array to
@@ -112,12 +111,24 @@ def encoder(qtype: gguf.GGMLQuantizationType) -> Encoder:
     return encode
 
 
-def merged_rows(method: MergeMethod, plan: TensorPlan, reference: TensorRows, base: TensorRows | None,
-                models: Sequence[Contribution], settings: Settings, chunk_elements: int = CHUNK_ELEMENTS,
-                encode: Encoder = encoder(gguf.GGMLQuantizationType.F32), workers: Workers | None = None) -> Iterator[np.ndarray]:
-    """``encode``d float32 chunks covering every row of the output tensor, in order; computed by
-    ``workers``' threads when given, a few chunks ahead of the reader.  A chunk is valid until
-    the next one is asked for (its buffer is then reused)."""
+@dataclass(frozen=True)
+class TensorMerge:
+    """One output tensor's merge as chunks: ``(compute, first, stop)`` computes rows
+    ``first:stop`` (in any order, on any thread), reading ``sources``."""
+
+    chunks: list[tuple[ChunkFunction, int, int]]
+    sources: list[TensorRows]
+
+    def release(self, first: int, stop: int) -> None:
+        """Rows ``first:stop`` are merged: the inputs' memory for them may be handed back."""
+        for source in self.sources:
+            source.release(first, stop)
+
+
+def tensor_merge(method: MergeMethod, plan: TensorPlan, reference: TensorRows, base: TensorRows | None,
+                 models: Sequence[Contribution], settings: Settings,
+                 chunk_elements: int = CHUNK_ELEMENTS) -> TensorMerge:
+    """The chunks of ``plan``'s tensor (for TIES, after its thresholds are found)."""
     shared = reference.n_rows if plan.shared_rows is None else plan.shared_rows
     if plan.shared_rows is not None:  # every model read over the shared rows only
         base = Head(base, shared) if base is not None else None
@@ -128,31 +139,59 @@ def merged_rows(method: MergeMethod, plan: TensorPlan, reference: TensorRows, ba
         return np.asarray(reference.read(first, stop), np.float32)
 
     step = chunk_rows(reference.row_len, chunk_elements)
-    work = [(merge_chunk, first, stop) for first, stop in spans(shared, step)]
-    work += [(kept, first, min(first + step, reference.n_rows)) for first in range(shared, reference.n_rows, step)]
-    sources = [reference, *([base] if base is not None else []), *(m.rows for m in models)]
+    chunks = [(merge_chunk, first, stop) for first, stop in spans(shared, step)]
+    chunks += [(kept, first, min(first + step, reference.n_rows)) for first in range(shared, reference.n_rows, step)]
+    return TensorMerge(chunks, [reference, *([base] if base is not None else []), *(m.rows for m in models)])
+
+
+def merged_rows(merge: TensorMerge, encode: Encoder = encoder(gguf.GGMLQuantizationType.F32),
+                workers: Workers | None = None) -> Iterator[np.ndarray]:
+    """The ``encode``d chunks, in order, for a writer that takes them one after another;
+    computed by ``workers``' threads when given, a few chunks ahead of the writer.  A chunk is
+    valid until the next one is asked for (its buffer is then reused)."""
     pool = workers.buffers if workers is not None else BufferPool()
 
     def encoded(compute: ChunkFunction, first: int, stop: int) -> tuple[np.ndarray, Buffer]:
         buffer = pool.take()
         return encode(compute(first, stop), buffer.array), buffer
 
-    def hand_out(chunk: np.ndarray, buffer: Buffer, stop: int) -> Iterator[np.ndarray]:
+    def hand_out(chunk: np.ndarray, buffer: Buffer, first: int, stop: int) -> Iterator[np.ndarray]:
         yield chunk
-        pool.give(buffer)  # the reader is done with it
-        for source in sources:  # every chunk up to ``stop`` has been handed out
-            source.done(stop)
+        pool.give(buffer)  # the writer is done with it
+        merge.release(first, stop)
 
     if workers is None or workers.pool is None:
-        for compute, first, stop in work:
-            yield from hand_out(*encoded(compute, first, stop), stop)
+        for compute, first, stop in merge.chunks:
+            yield from hand_out(*encoded(compute, first, stop), first, stop)
         return
-    pending: deque[tuple[Future, int]] = deque()
-    for compute, first, stop in work:
-        pending.append((workers.pool.submit(encoded, compute, first, stop), stop))
+    pending: deque[tuple[Future, int, int]] = deque()
+    for compute, first, stop in merge.chunks:
+        pending.append((workers.pool.submit(encoded, compute, first, stop), first, stop))
         if len(pending) >= 2 * workers.threads:
-            future, done = pending.popleft()
-            yield from hand_out(*future.result(), done)
+            future, done_first, done_stop = pending.popleft()
+            yield from hand_out(*future.result(), done_first, done_stop)
     while pending:
-        future, done = pending.popleft()
-        yield from hand_out(*future.result(), done)
+        future, done_first, done_stop = pending.popleft()
+        yield from hand_out(*future.result(), done_first, done_stop)
+
+
+def write_merged(merge: TensorMerge, encode: Encoder, write_at: Callable[[int, np.ndarray], None],
+                 workers: Workers | None = None) -> Iterator[int]:
+    """Every chunk computed, encoded and written by one thread, ``write_at(first_row, encoded)``,
+    so that writing runs in parallel too (the writer must take chunks in any order); yields each
+    chunk's byte count once it is written, in order."""
+    scratch = Scratch()
+
+    def run(compute: ChunkFunction, first: int, stop: int) -> int:
+        encoded = encode(compute(first, stop), scratch.array)
+        merge.release(first, stop)
+        write_at(first, encoded)
+        return encoded.nbytes
+
+    if workers is None or workers.pool is None:
+        for compute, first, stop in merge.chunks:
+            yield run(compute, first, stop)
+        return
+    futures = [workers.pool.submit(run, compute, first, stop) for compute, first, stop in merge.chunks]
+    for future in futures:
+        yield future.result()
