@@ -58,7 +58,7 @@ def tensor_type(name: str, shape: tuple[int, ...], outtype: Q) -> Q:
 
 
 def convert_tensor(tensor: LazyNumpyTensor, qtype: Q) -> LazyNumpyTensor:
-    """Lazily cast/quantize to ``qtype`` (gguf-py's quantizers)."""
+    """Lazily cast/quantize to ``qtype`` (``numeric``: ggml or gguf-py, the same bytes)."""
     if tensor.dtype != np.float32:  # (a lazy astype always copies, even to its own dtype)
         tensor = tensor.astype(np.float32)
     if qtype == Q.F16:  # ggml's vectorised rounding, same results as numpy's, ~25x faster

@@ -42,6 +42,9 @@ Q = gguf.GGMLQuantizationType
 VOCAB_TENSORS = ("token_embd.weight", "output.weight")
 NATIVE = (Q.F32, Q.F16)  # no gguf-py dequantization step
 PAGE = mmap.PAGESIZE
+#: Linux's default fault_around_bytes: a page fault maps the aligned 64 KiB block around it, so
+#: reading a chunk's first rows maps again up to 64 KiB of rows before them, already released
+FAULT_AROUND = 64 << 10
 #: general.file_type of the base -> default output type
 DEFAULT_OUTTYPES = {int(FILE_TYPES[q]): name for name, q in OUTTYPES.items()}
 #: keys not copied from the base: written by the writer, or describing the output anew
@@ -70,13 +73,14 @@ class GgufRows:
         return raw if self.type == Q.F32 else gguf.quants.dequantize(raw, self.type)
 
     def release(self, first: int, stop: int) -> None:
-        """Drop the mapped pages of rows ``first:stop`` from this process; the page cache keeps
-        them, so a page shared with rows still being read is simply mapped again."""
+        """Drop the mapped pages of rows ``first:stop``, and of the ``FAULT_AROUND`` bytes before
+        them, from this process; the page cache keeps them, so a page still being read by
+        another thread is simply mapped again."""
         if self._mapped is None:
             return
         low = self._start + first * self._row_bytes
         high = self._start + min(stop, self.n_rows) * self._row_bytes
-        low -= low % PAGE
+        low = max(0, low - low % PAGE - FAULT_AROUND)  # (the faults of these rows mapped it again)
         self._mapped.madvise(mmap.MADV_DONTNEED, low, high - low + -high % PAGE)
 
 
