@@ -79,25 +79,39 @@ class GGUFIndex:
         self.size = len(buf)
         self._by_name = {t.name: t for t in tensors}
 
-    def value(self, key: str, default: Any = None) -> Any:
+    def value(self, key: str, default: Any = None, raw_strings: bool = False) -> Any:
+        """A key's value as Python values; strings decoded (invalid UTF-8 replaced), or as the
+        stored bytes with ``raw_strings`` (to copy them exactly)."""
         field = self.fields.get(key)
         if field is None:
             return default
         if field.type != VT.ARRAY:
-            return self._scalar(field.type, field.offset)
+            return self._scalar(field.type, field.offset, raw_strings)
         if field.item_type == VT.STRING:
-            return [self.string_at(field, i) for i in range(field.count)]
+            return self.strings(field, raw_strings)
         return self.numbers(field).tolist()
+
+    def strings(self, field: Field, raw: bool = False) -> list[str] | list[bytes]:
+        """Every string of a string array (each one's length is where the next one starts)."""
+        if not field.count:
+            return []
+        starts = field.string_offsets.tolist()
+        last = starts[-1]
+        ends = starts[1:] + [last + 8 + struct.unpack_from(self.order + "Q", self._buf, last)[0]]
+        buf = self._buf
+        items = [buf[start + 8:end] for start, end in zip(starts, ends)]
+        return items if raw else [b.decode("utf-8", errors="replace") for b in items]
 
     def numbers(self, field: Field) -> np.ndarray:
         """A numeric array's items as a numpy array (a view of the file)."""
         dtype = np.dtype(_NUMPY_SCALARS[field.item_type]).newbyteorder(self.order)
         return np.frombuffer(self._buf, dtype=dtype, count=field.count, offset=field.offset + 12)
 
-    def string_at(self, field: Field, i: int) -> str:
+    def string_at(self, field: Field, i: int, raw: bool = False) -> str | bytes:
         start = int(field.string_offsets[i])
         (n,) = struct.unpack_from(self.order + "Q", self._buf, start)
-        return self._buf[start + 8:start + 8 + n].decode("utf-8", errors="replace")
+        data = self._buf[start + 8:start + 8 + n]
+        return data if raw else data.decode("utf-8", errors="replace")
 
     def find_strings(self, key: str, wanted: list[str], last: bool = False) -> dict[str, int]:
         """Index of each of ``wanted`` in the string array ``key`` (exact match; absent ones left out;
@@ -136,10 +150,20 @@ class GGUFIndex:
         data = np.frombuffer(self._buf, np.uint8, count=rows * row_bytes, offset=t.offset + first_row * row_bytes)
         return data.reshape(rows, row_bytes)
 
-    def _scalar(self, vtype: VT, offset: int) -> Any:
+    def drop_pages(self, start: int, stop: int) -> None:
+        """Unmap bytes ``start:stop`` of the file (widened to whole pages) from this process, where
+        the OS can; the page cache keeps them, and reading them again maps them again."""
+        if not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        low = max(0, start - start % mmap.PAGESIZE)
+        if low < self.size and stop > low:
+            self._buf.madvise(mmap.MADV_DONTNEED, low, stop - low + -stop % mmap.PAGESIZE)
+
+    def _scalar(self, vtype: VT, offset: int, raw_strings: bool = False) -> Any:
         if vtype == VT.STRING:
             (n,) = struct.unpack_from(self.order + "Q", self._buf, offset)
-            return self._buf[offset + 8:offset + 8 + n].decode("utf-8", errors="replace")
+            data = self._buf[offset + 8:offset + 8 + n]
+            return data if raw_strings else data.decode("utf-8", errors="replace")
         dtype = np.dtype(_NUMPY_SCALARS[vtype]).newbyteorder(self.order)
         return np.frombuffer(self._buf, dtype=dtype, count=1, offset=offset)[0].item()
 

@@ -337,6 +337,34 @@ def test_gguf_q8_output_types_metadata_and_llama_cpp(fx, tmp_path, llava_mmproj)
     engine.free_text_model(engine.load_text_model(tmp_path / "out.gguf", vocab_only=False))
 
 
+def test_gguf_metadata_is_copied_byte_for_byte(tmp_path):
+    """Every key of the base but those the merge describes anew reaches the output unchanged,
+    with its type, down to a token that is not valid UTF-8."""
+    from ggraft.merge.gguf_merge import NOT_COPIED
+
+    paths = []
+    for i, name in enumerate(("base", "a", "b")):
+        w = gguf.GGUFWriter(tmp_path / f"{name}.gguf", "llama")
+        w.add_name(name)
+        w.add_token_list([b"\xff\xferaw", "ok", "\u2581word"])
+        w.add_token_scores([0.0, -1.5, -2.25])
+        w.add_bool("test.flag", True)
+        w.add_array("test.ints", [3, -4, 5])
+        w.add_tensor("token_embd.weight", np.full((3, 32), i, np.float16))
+        w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+        paths.append(tmp_path / f"{name}.gguf")
+    cfg = write_config(tmp_path, "task_arithmetic", [(paths[1], {"weight": 1}), (paths[2], {"weight": 1})],
+                       base=paths[0])
+    merge(cfg, tmp_path / "out.gguf")
+    base, out = gguf_file.scan_gguf(paths[0]), gguf_file.scan_gguf(tmp_path / "out.gguf")
+    kept = [k for k in base.fields if not k.startswith(NOT_COPIED)]
+    assert "tokenizer.ggml.tokens" in kept and "general.name" in kept
+    for key in kept:
+        assert (out.fields[key].type, out.fields[key].item_type) == (base.fields[key].type, base.fields[key].item_type)
+        assert out.value(key, raw_strings=True) == base.value(key, raw_strings=True), key
+    assert out.value("tokenizer.ggml.tokens", raw_strings=True)[0] == b"\xff\xferaw"
+
+
 def test_gguf_merge_runs_in_llama_cpp_like_transformers(fx, tmp_path):
     """The merged GGUF's logits in llama.cpp equal transformers' on the same merged weights."""
     import llama_cpp

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import mmap
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +40,6 @@ from .plan import (Encoder, TensorMerge, TensorPlan, Workers, encoder, merged_ro
 Q = gguf.GGMLQuantizationType
 VOCAB_TENSORS = ("token_embd.weight", "output.weight")
 NATIVE = (Q.F32, Q.F16)  # no gguf-py dequantization step
-PAGE = mmap.PAGESIZE
 #: Linux's default fault_around_bytes: a page fault maps the aligned 64 KiB block around it, so
 #: reading a chunk's first rows maps again up to 64 KiB of rows before them, already released
 FAULT_AROUND = 64 << 10
@@ -56,52 +54,50 @@ class GgufRows:
     """One GGUF tensor as rows (leading dimensions flattened), dequantized on read (float16: into
     its model's scratch); the mapped pages of rows merged are handed back."""
 
-    def __init__(self, tensor: gguf.ReaderTensor, mapped: mmap.mmap | None, scratch: Scratch):
+    def __init__(self, index: gguf_file.GGUFIndex, tensor: gguf_file.TensorInfo, scratch: Scratch):
         shape = numpy_shape(tensor)
         self.row_len = shape[-1] if shape else 1
         self.n_rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
         self.type = tensor.tensor_type
-        self._data = tensor.data.view(np.ndarray).reshape(self.n_rows, -1)  # (slicing a memmap costs more)
-        self._mapped, self._start = mapped, tensor.data_offset
-        self._row_bytes = tensor.n_bytes // self.n_rows
-        self._scratch = scratch
+        self._index, self._scratch = index, scratch
+        self._bytes = index.raw(tensor).reshape(self.n_rows, -1)  # a view of the mapped file
+        self._start, self._row_bytes = tensor.offset, self._bytes.shape[1]
 
     def read(self, first: int, stop: int) -> np.ndarray:
-        raw = self._data[first:stop]
+        raw = self._bytes[first:stop]
         if self.type == Q.F16:
-            return numeric.to_float32(raw, out=self._scratch.array(raw.shape, np.float32))
-        return raw if self.type == Q.F32 else gguf.quants.dequantize(raw, self.type)
+            return numeric.to_float32(raw.view(np.float16), out=self._scratch.array((stop - first, self.row_len),
+                                                                                    np.float32))
+        return raw.view(np.float32) if self.type == Q.F32 else gguf.quants.dequantize(raw, self.type)
 
     def release(self, first: int, stop: int) -> None:
         """Drop the mapped pages of rows ``first:stop``, and of the ``FAULT_AROUND`` bytes before
-        them, from this process; the page cache keeps them, so a page still being read by
-        another thread is simply mapped again."""
-        if self._mapped is None:
-            return
-        low = self._start + first * self._row_bytes
-        high = self._start + min(stop, self.n_rows) * self._row_bytes
-        low = max(0, low - low % PAGE - FAULT_AROUND)  # (the faults of these rows mapped it again)
-        self._mapped.madvise(mmap.MADV_DONTNEED, low, high - low + -high % PAGE)
+        them (the faults of these rows mapped them again), from this process; a page another
+        thread still reads is simply mapped again."""
+        self._index.drop_pages(self._start + first * self._row_bytes - FAULT_AROUND,
+                               self._start + min(stop, self.n_rows) * self._row_bytes)
 
 
 @dataclass
 class GgufInput:
     spec: ModelSpec
-    reader: gguf.GGUFReader
-    tensors: dict[str, gguf.ReaderTensor]
+    index: gguf_file.GGUFIndex
     scratch: Scratch = field(default_factory=Scratch)
 
     @property
     def label(self) -> str:
         return self.spec.ref
 
+    @property
+    def tensors(self) -> dict[str, gguf_file.TensorInfo]:
+        return {t.name: t for t in self.index.tensors}
+
     def rows(self, name: str) -> GgufRows:
-        mapped = getattr(self.reader.data, "_mmap", None)  # numpy.memmap's mmap
-        return GgufRows(self.tensors[name], mapped if hasattr(mmap, "MADV_DONTNEED") else None, self.scratch)
+        return GgufRows(self.index, self.index.tensor(name), self.scratch)
 
     def release(self, name: str) -> None:
-        rows = self.rows(name)
-        rows.release(0, rows.n_rows)
+        t = self.index.tensor(name)
+        self.index.drop_pages(t.offset - FAULT_AROUND, t.offset + t.n_bytes)
 
 
 class StreamedTensor:
@@ -138,8 +134,8 @@ class StreamedTensor:
         fout.seek(start + written)
 
 
-def numpy_shape(tensor: gguf.ReaderTensor) -> tuple[int, ...]:
-    return tuple(int(d) for d in reversed(tensor.shape.tolist()))
+def numpy_shape(tensor: gguf_file.TensorInfo) -> tuple[int, ...]:
+    return tuple(reversed(tensor.shape))
 
 
 def open_inputs(config: MergeConfig) -> list[GgufInput]:
@@ -147,27 +143,29 @@ def open_inputs(config: MergeConfig) -> list[GgufInput]:
     tensor types gguf-py can dequantize."""
     inputs = []
     for spec in config.inputs:
-        reader = gguf_file.open_gguf(spec.path, "GGUF model")
-        parts = gguf_file.value(reader, gguf.Keys.Split.LLM_KV_SPLIT_COUNT, 1)
+        index = gguf_file.scan_gguf(spec.path, "GGUF model")
+        parts = index.value(gguf.Keys.Split.LLM_KV_SPLIT_COUNT, 1)
         if parts > 1:
             raise InputError(f"{spec.ref}: is one part of a GGUF split in {parts}; merge whole models",
                              hint="join the parts first: llama-gguf-split --merge FIRST-PART OUT.gguf")
-        inputs.append(GgufInput(spec, reader, {t.name: t for t in reader.tensors}))
+        if index.order != "<":
+            raise InputError(f"{spec.ref}: is a big-endian GGUF; merge little-endian models")
+        inputs.append(GgufInput(spec, index))
     ref = inputs[0]
-    arch = gguf_file.value(ref.reader, gguf.Keys.General.ARCHITECTURE)
+    arch = ref.index.value(gguf.Keys.General.ARCHITECTURE)
     for model in inputs:
-        kind = gguf_file.value(model.reader, gguf.Keys.General.ARCHITECTURE)
+        kind = model.index.value(gguf.Keys.General.ARCHITECTURE)
         if kind == "clip":
             raise InputError(f"{model.label}: is an mmproj (vision encoder), not a text model",
                              hint="merge text models; give the mmproj to --check-with")
         if kind != arch:
             raise InputError(f"{model.label}: architecture {kind!r} differs from {ref.label}'s {arch!r}")
         seen: set[Q] = set()
-        for t in model.tensors.values():
+        for t in model.index.tensors:
             if t.tensor_type in NATIVE or t.tensor_type in seen:
                 continue
             try:
-                gguf.quants.dequantize(t.data.reshape(-1, t.data.shape[-1])[:1], t.tensor_type)
+                gguf.quants.dequantize(model.index.raw(t, 0, 1), t.tensor_type)
             except NotImplementedError:
                 raise InputError(f"{model.label}: tensor {t.name!r} is {t.tensor_type.name}, which gguf-py "
                                  "cannot dequantize (only float and block-quantized tensors merge)") from None
@@ -175,9 +173,9 @@ def open_inputs(config: MergeConfig) -> list[GgufInput]:
     return inputs
 
 
-def default_outtype(reader: gguf.GGUFReader) -> str:
+def default_outtype(index: gguf_file.GGUFIndex) -> str:
     """The base model's own type when it is one ggraft writes, else f16."""
-    return DEFAULT_OUTTYPES.get(gguf_file.value(reader, gguf.Keys.General.FILE_TYPE, -1), "f16")
+    return DEFAULT_OUTTYPES.get(index.value(gguf.Keys.General.FILE_TYPE, -1), "f16")
 
 
 def tensor_type(shape: tuple[int, ...], outtype: Q, stored: Q, keeps_f32: bool) -> Q:
@@ -189,20 +187,17 @@ def tensor_type(shape: tuple[int, ...], outtype: Q, stored: Q, keeps_f32: bool) 
     return outtype
 
 
-def copy_metadata(reader: gguf.GGUFReader, w: gguf.GGUFWriter) -> None:
-    """Every key of the base (tokenizer included) but those in NOT_COPIED."""
-    for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name.startswith(NOT_COPIED):
-            continue
-        vtype = field.types[0]
-        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        w.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+def copy_metadata(index: gguf_file.GGUFIndex, w: gguf.GGUFWriter) -> None:
+    """Every key of the base (tokenizer included) but those in NOT_COPIED, strings byte for byte."""
+    for name, field in index.fields.items():
+        if not name.startswith(NOT_COPIED):
+            w.add_key_value(name, index.value(name, raw_strings=True), field.type, sub_type=field.item_type)
 
 
 def write_provenance(w: gguf.GGUFWriter, config: MergeConfig, inputs: list[GgufInput]) -> None:
     w.add_base_model_count(len(inputs))
     for i, model in enumerate(inputs):
-        w.add_base_model_name(i, gguf_file.value(model.reader, gguf.Keys.General.NAME) or Path(model.spec.path).stem)
+        w.add_base_model_name(i, model.index.value(gguf.Keys.General.NAME) or Path(model.spec.path).stem)
     w.add_string(PROVENANCE_PREFIX + "version", __version__)
     w.add_string(PROVENANCE_PREFIX + "merge_method", config.method.name)
     w.add_string(PROVENANCE_PREFIX + "merge_config", json.dumps(config.describe(), sort_keys=True))
@@ -215,15 +210,15 @@ def merge_gguf(config: MergeConfig, out: Path, outtype: str | None = None, force
     check_output(out, force)
     inputs = open_inputs(config)
     ref = inputs[0]
-    outtype = outtype or config.outtype or default_outtype(ref.reader)
+    outtype = outtype or config.outtype or default_outtype(ref.index)
     qtype = parse_outtype(outtype)
     shapes = {m.label: {n: numpy_shape(t) for n, t in m.tensors.items()} for m in inputs}
     plans = plan_tensors(ref.label, shapes, VOCAB_TENSORS, embed_common)
     keeps_f32 = any(t.tensor_type != Q.F32 and len(t.shape) > 1 for t in ref.tensors.values())
     types = {p.name: tensor_type(p.shape, qtype, ref.tensors[p.name].tensor_type, keeps_f32) for p in plans}
 
-    w = gguf.GGUFWriter(path=None, arch=gguf_file.value(ref.reader, gguf.Keys.General.ARCHITECTURE))
-    copy_metadata(ref.reader, w)
+    w = gguf.GGUFWriter(path=None, arch=ref.index.value(gguf.Keys.General.ARCHITECTURE))
+    copy_metadata(ref.index, w)
     w.add_file_type(FILE_TYPES[qtype])
     if Q.Q8_0 in types.values():
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
