@@ -63,12 +63,16 @@ class GgufRows:
         self._bytes = index.raw(tensor).reshape(self.n_rows, -1)  # a view of the mapped file
         self._start, self._row_bytes = tensor.offset, self._bytes.shape[1]
 
-    def read(self, first: int, stop: int) -> np.ndarray:
+    def read(self, first: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         raw = self._bytes[first:stop]
         if self.type == Q.F16:
-            return numeric.to_float32(raw.view(np.float16), out=self._scratch.array((stop - first, self.row_len),
-                                                                                    np.float32))
-        return raw.view(np.float32) if self.type == Q.F32 else gguf.quants.dequantize(raw, self.type)
+            out = self._scratch.array((stop - first, self.row_len), np.float32) if out is None else out
+            return numeric.to_float32(raw.view(np.float16), out=out)
+        values = raw.view(np.float32) if self.type == Q.F32 else gguf.quants.dequantize(raw, self.type)
+        if out is None:
+            return values
+        out[...] = values
+        return out
 
     def release(self, first: int, stop: int) -> None:
         """Drop the mapped pages of rows ``first:stop``, and of the ``FAULT_AROUND`` bytes before

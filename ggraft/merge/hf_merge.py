@@ -102,14 +102,18 @@ class CheckpointRows:
         self.n_rows = shape[0] if len(shape) > 1 else 1
         self.row_len = int(np.prod(shape[1:] if len(shape) > 1 else shape, dtype=np.int64))
 
-    def read(self, first: int, stop: int) -> np.ndarray:
+    def read(self, first: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         if len(self.ckpt.shape(self.name)) < 2:
             rows = np.asarray(self.ckpt.load(self.name)).reshape(1, -1)
         else:
             rows = self.ckpt.load_rows(self.name, first, stop - first).reshape(stop - first, self.row_len)
-        if rows.dtype != np.float16:
+        if rows.dtype == np.float16:
+            out = self.scratch.array(rows.shape, np.float32) if out is None else out
+            return numeric.to_float32(rows, out=out)
+        if out is None:
             return rows
-        return numeric.to_float32(rows, out=self.scratch.array(rows.shape, np.float32))
+        out[...] = rows
+        return out
 
     def release(self, first: int, stop: int) -> None:
         pass

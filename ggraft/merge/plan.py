@@ -90,8 +90,8 @@ class Head:
     def __init__(self, rows: TensorRows, n_rows: int):
         self.rows, self.n_rows, self.row_len = rows, n_rows, rows.row_len
 
-    def read(self, first: int, stop: int) -> np.ndarray:
-        return self.rows.read(first, stop)
+    def read(self, first: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        return self.rows.read(first, stop, out)
 
     def release(self, first: int, stop: int) -> None:
         self.rows.release(first, min(stop, self.n_rows))
