@@ -49,36 +49,46 @@ def shapes() -> dict[str, tuple[int, ...]]:
     return out
 
 
-def build_inputs(folder: Path) -> list[Path]:
-    """base.gguf, vlm.gguf, code.gguf (F16), written together tensor by tensor."""
+def model_writer(path: Path, tensors: dict[str, tuple[int, ...]]) -> gguf.GGUFWriter:
+    """A writer of the benchmark model's metadata and tokenizer, header written, tensors to come."""
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_name(path.stem.split(".")[0])
+    w.add_context_length(4096)
+    w.add_embedding_length(HIDDEN)
+    w.add_block_count(LAYERS)
+    w.add_feed_forward_length(FFN)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(KV_HEADS)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([f"t{i}" for i in range(VOCAB)])
+    w.add_token_types([1] * VOCAB)
+    w.add_token_merges([f"m{i} n{i}" for i in range(N_MERGES)])
+    for name, shape in tensors.items():
+        dtype = np.float32 if len(shape) == 1 else np.float16
+        w.add_tensor_info(name, shape, np.dtype(dtype), int(np.prod(shape)) * np.dtype(dtype).itemsize)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    return w
+
+
+def build_inputs(folder: Path) -> tuple[list[Path], list[Path]]:
+    """base.gguf, vlm.gguf, code.gguf (F16), written together tensor by tensor; and the same
+    three with only a 4-row embedding (header-base.gguf, ...), to time what a merge costs
+    whatever the size of the tensors."""
     paths = [folder / f"{n}.gguf" for n in ("base", "vlm", "code")]
-    if all(p.is_file() and "tokenizer.ggml.merges" in gguf_file.scan_gguf(p).fields for p in paths):
-        return paths
+    headers = [folder / f"header-{n}.gguf" for n in ("base", "vlm", "code")]
+    if all(p.is_file() and "tokenizer.ggml.merges" in gguf_file.scan_gguf(p).fields for p in paths + headers):
+        return paths, headers
     folder.mkdir(parents=True, exist_ok=True)
+    for i, p in enumerate(headers):
+        w = model_writer(p, {"token_embd.weight": (4, HIDDEN)})
+        w.write_tensor_data(np.full((4, HIDDEN), i, np.float16))
+        w.close()
     rng = np.random.default_rng(0)
-    writers = []
-    for p in paths:
-        w = gguf.GGUFWriter(p.with_suffix(".tmp"), "llama")
-        w.add_name(p.stem)
-        w.add_context_length(4096)
-        w.add_embedding_length(HIDDEN)
-        w.add_block_count(LAYERS)
-        w.add_feed_forward_length(FFN)
-        w.add_head_count(HEADS)
-        w.add_head_count_kv(KV_HEADS)
-        w.add_layer_norm_rms_eps(1e-6)
-        w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-        w.add_tokenizer_model("gpt2")
-        w.add_token_list([f"t{i}" for i in range(VOCAB)])
-        w.add_token_types([1] * VOCAB)
-        w.add_token_merges([f"m{i} n{i}" for i in range(N_MERGES)])
-        for name, shape in shapes().items():
-            dtype = np.float32 if len(shape) == 1 else np.float16
-            w.add_tensor_info(name, shape, np.dtype(dtype), int(np.prod(shape)) * np.dtype(dtype).itemsize)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        writers.append(w)
+    writers = [model_writer(p.with_suffix(".tmp"), shapes()) for p in paths]
     for name, shape in shapes().items():
         dtype = np.float32 if len(shape) == 1 else np.float16
         base = rng.standard_normal(shape, np.float32) * 0.02
@@ -91,7 +101,7 @@ def build_inputs(folder: Path) -> list[Path]:
     for w, p in zip(writers, paths):
         w.close()
         os.replace(p.with_suffix(".tmp"), p)
-    return paths
+    return paths, headers
 
 
 def warm(paths: list[Path]) -> None:
@@ -115,7 +125,7 @@ def timed(cmd: list[str]) -> tuple[float, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--build", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.build:
@@ -124,14 +134,16 @@ def main() -> None:
     # built in a child: a child's peak RSS (wait4) counts the memory of the process it was forked
     # from, so this one stays small
     subprocess.run([sys.executable, __file__, "--build"], check=True)
-    inputs = build_inputs(WORK)
+    inputs, headers = build_inputs(WORK)
     size = sum(p.stat().st_size for p in inputs)
     largest = max(int(np.prod(s)) for s in shapes().values())
-    config = WORK / "merge.yaml"
-    config.write_text(json.dumps({"merge_method": "task_arithmetic", "base_model": str(inputs[0]),
-                                  "models": [{"model": str(inputs[1]), "parameters": {"weight": 0.7}},
-                                             {"model": str(inputs[2]), "parameters": {"weight": 0.5}}]}))
-    warm(inputs)
+    configs = {}
+    for name, (base, vlm, code) in (("merge", inputs), ("headers", headers)):
+        configs[name] = WORK / f"{name}.yaml"
+        configs[name].write_text(json.dumps({"merge_method": "task_arithmetic", "base_model": str(base),
+                                             "models": [{"model": str(vlm), "parameters": {"weight": 0.7}},
+                                                        {"model": str(code), "parameters": {"weight": 0.5}}]}))
+    warm(inputs + headers)
     copies = WORK / "copies"
     results = {"input_bytes": size, "largest_tensor_f32_bytes": largest * 4, "runs": {}}
     best = None
@@ -143,24 +155,34 @@ def main() -> None:
     shutil.rmtree(copies)
     results["runs"]["cp"] = {"seconds": best, "GB/s": size / best / 1e9}
     ggraft = str(Path(sys.executable).with_name("ggraft"))
-    for outtype in ("f16", "q8_0"):
-        out = WORK / f"merged-{outtype}.gguf"
+    for label, config, outtype in (("merge f16", "merge", "f16"), ("merge q8_0", "merge", "q8_0"),
+                                   ("merge f16, headers only", "headers", "f16")):
+        out = WORK / "merged.gguf"
         runs = []
         for _ in range(args.repeat):
             out.unlink(missing_ok=True)  # as cp writes new files: no old file to drop inside the timing
-            runs.append(timed([ggraft, "merge", str(config), "-o", str(out), "--outtype", outtype]))
+            runs.append(timed([ggraft, "merge", str(configs[config]), "-o", str(out), "--outtype", outtype]))
         seconds, rss = min(runs)
-        results["runs"][f"merge {outtype}"] = {"seconds": seconds, "GB/s": size / seconds / 1e9,
-                                               "vs_cp": best / seconds, "peak_rss_MB": max(r for _, r in runs) / 1e6}
+        results["runs"][label] = {"seconds": seconds, "peak_rss_MB": max(r for _, r in runs) / 1e6}
+        if config == "merge":
+            results["runs"][label].update({"GB/s": size / seconds / 1e9, "vs_cp": best / seconds})
         out.unlink()
+    fixed = results["runs"]["merge f16, headers only"]["seconds"]
+    stream = results["runs"]["merge f16"]["seconds"] - fixed
+    results["tensor_stream_f16"] = {"seconds": stream, "GB/s": size / stream / 1e9, "vs_cp": best / stream}
     (WORK / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"inputs: 3 x {size / 3 / 1e9:.2f} GB F16 (largest tensor {largest * 4 / 1e6:.0f} MB as f32)\n")
+    print(f"inputs: 3 x {size / 3 / 1e9:.2f} GB F16 with a {VOCAB}-token tokenizer "
+          f"(largest tensor {largest * 4 / 1e6:.0f} MB as f32); best of {args.repeat}\n")
     print("| run | seconds | input GB/s | vs cp | peak RSS |")
     print("|---|---|---|---|---|")
     for name, r in results["runs"].items():
         rss = f"{r['peak_rss_MB']:.0f} MB" if "peak_rss_MB" in r else "-"
-        ratio = f"{r['vs_cp']:.2f}x" if "vs_cp" in r else "1x"
-        print(f"| {name} | {r['seconds']:.2f} | {r['GB/s']:.2f} | {ratio} | {rss} |")
+        rate = f"{r['GB/s']:.2f}" if "GB/s" in r else "-"
+        ratio = f"{r['vs_cp']:.2f}x" if "vs_cp" in r else ("1x" if name == "cp" else "-")
+        print(f"| {name} | {r['seconds']:.2f} | {rate} | {ratio} | {rss} |")
+    t = results["tensor_stream_f16"]
+    print(f"\ntensor stream (merge f16 minus headers only): {t['seconds']:.2f} s, {t['GB/s']:.2f} GB/s, "
+          f"{t['vs_cp']:.2f}x cp")
 
 
 if __name__ == "__main__":
