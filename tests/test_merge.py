@@ -183,11 +183,15 @@ def test_float16_conversions_equal_numpy(accelerated, monkeypatch):
         assert np.array_equal(numeric.to_float16(values).view(np.uint16), values.astype(np.float16).view(np.uint16))
 
 
+@pytest.mark.parametrize("accelerated", [True, False])
 @pytest.mark.parametrize("qtype", [gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.BF16])
-def test_ggml_quantization_writes_gguf_py_bytes(qtype):
+def test_ggml_quantization_writes_gguf_py_bytes(qtype, accelerated, monkeypatch):
     """numeric.quantize hands Q8_0 and BF16 to ggml's quantizer: the same bytes as gguf-py's
-    numpy one for every finite input, also into a given array and in the lazy convert path."""
+    numpy one (its fallback) for every finite input, also into a given array and in the lazy
+    convert path."""
     assert numeric.ACCELERATED and qtype in numeric.GGML_QUANTIZED
+    if not accelerated:
+        monkeypatch.setattr(numeric, "_GGML", None)
     rng = np.random.default_rng(0)
     values = (rng.standard_normal((64, 256)) * rng.choice([1e-6, 0.02, 3, 1e4], (64, 1))).astype(np.float32)
     values[0, :40] = 0  # an all-zero block (scale 0)
