@@ -87,14 +87,14 @@ class GgufInput:
     spec: ModelSpec
     index: gguf_file.GGUFIndex
     scratch: Scratch = field(default_factory=Scratch)
+    tensors: dict[str, gguf_file.TensorInfo] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tensors = {t.name: t for t in self.index.tensors}
 
     @property
     def label(self) -> str:
         return self.spec.ref
-
-    @property
-    def tensors(self) -> dict[str, gguf_file.TensorInfo]:
-        return {t.name: t for t in self.index.tensors}
 
     def rows(self, name: str) -> GgufRows:
         return GgufRows(self.index, self.index.tensor(name), self.scratch)
