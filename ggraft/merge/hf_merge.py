@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-import gguf
 import numpy as np
 import yaml
 
