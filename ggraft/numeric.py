@@ -95,28 +95,24 @@ def quantize(values: np.ndarray, qtype: Q, out: np.ndarray | None = None) -> np.
 
 def to_float32(half: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """A float16 array as float32: a new array, or ``out`` (C-contiguous, of the same shape)."""
-    if out is None:
-        out = np.empty(np.shape(half), np.float32)
-    if _GGML is None:
-        out[...] = half
-        return out
-    half = np.ascontiguousarray(half, np.float16)
-    _check_out(out, half.shape, np.float32)
-    _GGML.cpu.ggml_cpu_fp16_to_fp32(half.ctypes.data, out.ctypes.data, half.size)
-    return out
+    return _convert(half, np.float16, np.float32, "ggml_cpu_fp16_to_fp32", out)
 
 
 def to_float16(single: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """A float32 array as float16, rounding to nearest even: a new array, or ``out``
     (C-contiguous, of the same shape)."""
+    return _convert(single, np.float32, np.float16, "ggml_cpu_fp32_to_fp16", out)
+
+
+def _convert(values: np.ndarray, source, target, ggml_function: str, out: np.ndarray | None) -> np.ndarray:
     if out is None:
-        out = np.empty(np.shape(single), np.float16)
+        out = np.empty(np.shape(values), target)
     if _GGML is None:
-        out[...] = single
+        out[...] = values
         return out
-    single = np.ascontiguousarray(single, np.float32)
-    _check_out(out, single.shape, np.float16)
-    _GGML.cpu.ggml_cpu_fp32_to_fp16(single.ctypes.data, out.ctypes.data, single.size)
+    values = np.ascontiguousarray(values, source)
+    _check_out(out, values.shape, target)
+    getattr(_GGML.cpu, ggml_function)(values.ctypes.data, out.ctypes.data, values.size)
     return out
 
 
