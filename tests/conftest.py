@@ -82,6 +82,8 @@ def llava_mmproj(llava_fixture, tmp_path_factory) -> Path:
     return mmproj.convert(converter_for(Checkpoint(llava_fixture / "hf")), out, "f32")
 
 
+#: the brief's per-token cosine bars, written out here rather than taken from ggraft.verify
+BARS = {"f32": 0.9999, "f16": 0.999, "bf16": 0.999, "q8_0": 0.99}
 FIDELITY_RESULTS = ROOT / ".cache" / "fidelity"
 
 

@@ -12,13 +12,11 @@ import json
 
 import pytest
 
-from conftest import record_fidelity, run_cli
+from conftest import BARS, record_fidelity, run_cli
 from ggraft.checkpoint import Checkpoint
 from ggraft.converter import converter_for
 from ggraft.mmproj import convert
 from ggraft.verify import verify
-
-BARS = {"f32": 0.9999, "f16": 0.999, "bf16": 0.999, "q8_0": 0.99}
 
 
 @pytest.mark.parametrize("outtype", list(BARS))

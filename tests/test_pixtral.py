@@ -9,14 +9,13 @@ import gguf
 import numpy as np
 import pytest
 
-from conftest import assert_one_line_error, record_fidelity, run_cli
+from conftest import BARS, assert_one_line_error, record_fidelity, run_cli
 from ggraft import gguf_file
 from ggraft.checkpoint import Checkpoint, MistralCheckpoint, open_checkpoint
 from ggraft.converter import converter_for
 from ggraft.mmproj import convert
 from ggraft.verify import verify
 
-BARS = {"f32": 0.9999, "f16": 0.999, "bf16": 0.999, "q8_0": 0.99}
 EMBEDDINGS = "language_model.model.embed_tokens.weight"
 
 

@@ -18,14 +18,13 @@ import gguf
 import numpy as np
 import pytest
 
-from conftest import assert_one_line_error, conversion_cache, gguf_tensors, record_fidelity, run_cli
+from conftest import BARS, assert_one_line_error, conversion_cache, gguf_tensors, record_fidelity, run_cli
 from ggraft import gguf_file, mmproj
 from ggraft.checkpoint import Checkpoint
 from ggraft.converter import converter_for
 from ggraft.verify import verify
 
 Q = gguf.GGMLQuantizationType
-BARS = {"f32": 0.9999, "f16": 0.999, "bf16": 0.999, "q8_0": 0.99}
 LAYOUTS = [("qwen2vl", "hf"), ("qwen2vl", "hf-modules"), ("qwen25vl", "hf"), ("qwen25vl", "hf-modules"),
            ("lfm2vl", "hf"), ("lfm2vl", "hf-hub")]
 ONE_WINDOW, FOUR_WINDOWS = (112, 112), (168, 224)  # Qwen2.5-VL, patch 14: 4x4 / 6x8 merged tokens

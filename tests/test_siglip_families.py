@@ -14,7 +14,7 @@ import gguf
 import numpy as np
 import pytest
 
-from conftest import assert_one_line_error, conversion_cache, gguf_tensors, record_fidelity, run_cli
+from conftest import BARS, assert_one_line_error, conversion_cache, gguf_tensors, record_fidelity, run_cli
 from ggraft import gguf_file, mmproj
 from ggraft.checkpoint import Checkpoint
 from ggraft.converter import converter_for
@@ -22,7 +22,6 @@ from ggraft.verify import verify
 
 Q = gguf.GGMLQuantizationType
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
-BARS = {"f32": 0.9999, "f16": 0.999, "bf16": 0.999, "q8_0": 0.99}
 LAYOUTS = [("gemma3", "hf"), ("gemma3", "hf-hub"),
            ("idefics3", "hf"), ("idefics3", "hf-hub"), ("idefics3", "hf-smolvlm")]
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
