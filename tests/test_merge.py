@@ -393,6 +393,17 @@ def test_gguf_merge_runs_in_llama_cpp_like_transformers(fx, tmp_path):
     assert cos.min() > 0.9999, cos
 
 
+def test_gguf_big_endian_input_is_refused_in_one_line(fx, tmp_path):
+    big = tmp_path / "big.gguf"
+    w = gguf.GGUFWriter(big, "llama", endianess=gguf.GGUFEndian.BIG)
+    w.add_tensor("token_embd.weight", np.ones((3, 32), np.float16))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    cfg = write_config(tmp_path, "task_arithmetic", [(big, {"weight": 1.0})], base=fx / "base.gguf")
+    res = run_cli("merge", cfg, "-o", tmp_path / "out.gguf")
+    assert_one_line_error(res, "big.gguf: is a big-endian GGUF")
+    assert list(tmp_path.glob("*out*")) == []
+
+
 def test_gguf_missing_tensor_and_vocab_mismatch_are_named(fx, tmp_path):
     from fixtures import common, llava
     from fixtures.text_gguf import write_llama_gguf
