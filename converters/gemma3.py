@@ -29,10 +29,11 @@ import math
 
 import gguf
 
-from ggraft.converter import Converter, VisionParams, preprocessing, register
+from ggraft.mmproj.converter import Converter, VisionParams, preprocessing, register
+from ggraft.mmproj.facts import Convention
 from ggraft.errors import UnsupportedModelError
 
-from ._siglip import GELU_ACTS, SIGLIP_MEAN, SIGLIP_STD
+from ._image_norms import GELU_ACTS, SIGLIP_MEAN, SIGLIP_STD
 
 TOWER = "vision_tower.vision_model."
 PROJECTOR = "multi_modal_projector."
@@ -44,6 +45,7 @@ class Gemma3(Converter):
     projector_type = gguf.VisionProjectorType.GEMMA3
     family = "Gemma 3"
     image_tokens = ("<start_of_image>", "<image_soft_token>", "<end_of_image>")
+    convention = Convention("Gemma 3", ("<start_of_image>", "<end_of_image>", "<image_soft_token>"))
     vision_prefixes = (TOWER, PROJECTOR)
     layout_aliases = (
         ("model.vision_tower.vision_model.", TOWER),

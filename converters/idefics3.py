@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import gguf
 
-from ggraft.converter import Converter, VisionParams, preprocessing, register
+from ggraft.mmproj.converter import Converter, VisionParams, preprocessing, register
+from ggraft.mmproj.facts import Convention
 from ggraft.errors import UnsupportedModelError
 
-from ._siglip import GELU_ACTS, SIGLIP_MEAN, SIGLIP_STD
+from ._image_norms import GELU_ACTS, SIGLIP_MEAN, SIGLIP_STD
 
 TOWER = "model.vision_model."
 CONNECTOR = "model.connector."
@@ -41,6 +42,8 @@ class Idefics3(Converter):
     projector_type = gguf.VisionProjectorType.IDEFICS3
     family = "Idefics3 / SmolVLM"
     image_tokens = ("<fake_token_around_image>", "<global-img>", "<row_1_col_1>", "<image>")
+    convention = Convention("Idefics3 / SmolVLM", ("<fake_token_around_image>", "<global-img>", "<image>"),
+                            (r"<row_\d+_col_\d+>",))
     vision_prefixes = (TOWER, CONNECTOR)
 
     @classmethod

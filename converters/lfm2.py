@@ -19,10 +19,11 @@ import math
 
 import gguf
 
-from ggraft.converter import Converter, VisionParams, preprocessing, register
+from ggraft.mmproj.converter import Converter, VisionParams, preprocessing, register
+from ggraft.mmproj.facts import Convention
 from ggraft.errors import UnsupportedModelError
 
-from ._siglip import SIGLIP_MEAN, SIGLIP_STD
+from ._image_norms import SIGLIP_MEAN, SIGLIP_STD
 
 PATCH = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.V_ENC_EMBD_PATCH] + ".weight"
 HEAD = "vision_tower.vision_model.head."
@@ -37,6 +38,8 @@ class Lfm2Vl(Converter):
     projector_type = gguf.VisionProjectorType.LFM2
     family = "LFM2-VL"
     image_tokens = ("<|image_start|>", "<image>", "<|image_end|>", "<|img_thumbnail|>")
+    convention = Convention("LFM2-VL", ("<|image_start|>", "<|image_end|>", "<image>", "<|img_thumbnail|>"),
+                            (r"<\|img_row_\d+_col_\d+\|>",))
     layout_aliases = (
         ("model.vision_tower.vision_model.", "vision_tower.vision_model."),
         ("model.vision_tower.", "vision_tower.vision_model."),  # transformers 5 drops `vision_model.`

@@ -22,11 +22,11 @@ import re
 
 import gguf
 
-from ggraft.converter import Converter, VisionParams, preprocessing, register
+from ggraft.mmproj.converter import Converter, VisionParams, preprocessing, register
+from ggraft.mmproj.facts import Convention, RuntimeDefect
 from ggraft.errors import UnsupportedModelError
+from ._image_norms import CLIP_MEAN, CLIP_STD
 
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 FEATURE_LAYER_KEY = "clip.vision.feature_layer"  # clip-impl.h KEY_FEATURE_LAYERS; not in gguf-py 0.19
 _BLOCK = re.compile(r"\.layers\.(\d+)\.")
 
@@ -37,6 +37,11 @@ class LlavaClip(Converter):
     projector_type = gguf.constants.VISION_PROJECTOR_TYPE_NAMES[gguf.constants.VISION_PROJECTOR_TYPE.MLP]
     family = "LLaVA-1.5 (CLIP)"
     image_tokens = ("<image>",)
+    convention = Convention("LLaVA", ("<image>",))
+    runtime_defects = (RuntimeDefect(
+        "mlp", "llama.cpp's llava graph puts CLS after the patches: every patch gets its neighbour's position "
+        "embedding, patch 0 is dropped and the projected CLS is fed to the model",
+        "ggml-org/llama.cpp#25814", seen_up_to="0.3.36", with_tensor="v.class_embd"),)
     layout_aliases = (
         ("model.vision_tower.vision_model.", "vision_tower.vision_model."),
         ("model.vision_tower.", "vision_tower.vision_model."),
@@ -101,8 +106,6 @@ class LlavaClip(Converter):
             vision_feature_select_strategy=self.config.get("vision_feature_select_strategy", "default"),
         )
 
-    runtime_note = ("llama.cpp's llava graph puts CLS after the patches (ggml-org/llama.cpp#25814): "
-                    "the file matches transformers run in that order, the runtime does not match transformers")
 
     def runtime_reference(self, model, pixel_values):
         import torch

@@ -20,12 +20,11 @@ import re
 import gguf
 import numpy as np
 
-from ggraft.converter import Converter, Lazy, VisionParams, preprocessing, register
+from ggraft.mmproj.converter import Converter, Lazy, VisionParams, preprocessing, register
+from ggraft.mmproj.facts import Convention, RuntimeDefect
 from ggraft.errors import InputError, UnsupportedModelError
-from ggraft.mmproj import IMAGE_TOKEN_IDS_KEY, IMAGE_TOKENS_KEY
+from ._image_norms import CLIP_MEAN, CLIP_STD
 
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]  # mistral_common's DATASET_MEAN / DATASET_STD
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 NORM_EPS = 1e-5  # hard-coded in transformers' PixtralRMSNorm and in mistral-inference
 IMG_BREAK = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.V_TOK_EMBD_IMG_BREAK]
 EMBEDDINGS = ("language_model.model.embed_tokens.weight", "model.language_model.embed_tokens.weight",
@@ -41,6 +40,10 @@ class Pixtral(Converter):
     projector_type = gguf.VisionProjectorType.PIXTRAL
     family = "Pixtral (Mistral Small 3.x, Pixtral-12B)"
     image_tokens = ("[IMG]", "[IMG_BREAK]", "[IMG_END]")
+    convention = Convention("Pixtral / Mistral", image_tokens)
+    runtime_defects = (RuntimeDefect(
+        "pixtral", "llama.cpp builds the [IMG_BREAK] rows it inserts from an unwritten buffer times 0, so they "
+        "often hold NaN entries", "ggraft README, Known llama.cpp deviations", seen_up_to="0.3.36"),)
     #: mmproj tensors that are rows of the language model's embedding table, by token
     text_rows = {IMG_BREAK: "[IMG_BREAK]"}
     layout_aliases = (
@@ -54,8 +57,8 @@ class Pixtral(Converter):
         ("patch_merger.", "multi_modal_projector.patch_merger."),
     )
 
-    def __init__(self, ckpt):
-        super().__init__(ckpt)
+    def __init__(self, ckpt, recipient=None):
+        super().__init__(ckpt, recipient)
         self.native = ckpt.layout == "mistral"
         if self.native:
             self.layout_aliases = self.native_aliases
@@ -88,8 +91,7 @@ class Pixtral(Converter):
     def params(self) -> VisionParams:
         v = self.vision_config
         mean, std = preprocessing(self.ckpt, CLIP_MEAN, CLIP_STD)
-        ids = self.token_ids()
-        extra = {IMAGE_TOKENS_KEY: list(ids), IMAGE_TOKEN_IDS_KEY: list(ids.values())} if ids else {}
+        extra = {}
         if self.merges:
             extra[gguf.Keys.ClipVision.SPATIAL_MERGE_SIZE] = self.merge
         return VisionParams(
@@ -100,11 +102,6 @@ class Pixtral(Converter):
             projection_dim=self.text_config.get("hidden_size", 5120), image_mean=mean, image_std=std,
             use_gelu=v.get("hidden_act", "gelu") == "gelu", use_silu=v.get("hidden_act") == "silu", extra=extra,
         )
-
-    def token_ids(self) -> dict[str, int]:
-        """The ids this checkpoint's tokenizer gives the image tokens (those it has)."""
-        added = self.ckpt.added_tokens()
-        return {t: added[t][0] for t in self.image_tokens if t in added}
 
     def skip(self, canonical):
         block = _BLOCK.search(canonical)
@@ -122,10 +119,6 @@ class Pixtral(Converter):
             n_head, rows = self.params().head_count, tensor.shape[0]
             tensor = tensor.reshape(n_head, 2, rows // n_head // 2, *tensor.shape[1:]).swapaxes(1, 2).reshape(tensor.shape)
         yield gguf_name, tensor
-
-    def extra_tensors(self):
-        for gguf_name, token in self.text_rows.items():
-            yield gguf_name, self.text_row(token)
 
     def text_row(self, token: str) -> Lazy:
         """``token``'s row of the language model's embedding table, read only when written."""

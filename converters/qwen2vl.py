@@ -21,10 +21,10 @@ import re
 
 import gguf
 
-from ggraft.converter import Converter, VisionParams, preprocessing, register
+from ggraft.mmproj.converter import Converter, VisionParams, preprocessing, register
+from ggraft.mmproj.facts import Convention, RuntimeDefect
+from ._image_norms import CLIP_MEAN, CLIP_STD
 
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 VISION_EPS = 1e-6  # transformers' Qwen2-VL / 2.5-VL vision norms
 LLAMA_MERGE = 2  # llama.cpp's qwen2vl graph merges 2x2 patches, whatever spatial_merge_size says
 LLAMA_WINDOW = 112  # clip.cpp's qwen2.5vl window in pixels (it reads no key for it)
@@ -43,6 +43,8 @@ class Qwen2VL(Converter):
     projector_type = gguf.VisionProjectorType.QWEN2VL
     family = "Qwen2-VL"
     image_tokens = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>")
+    convention = Convention("Qwen-VL", ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
+                                        "<|vision_pad|>"))
     vision_prefixes = ("visual.",)
     layout_aliases = (("model.visual.", "visual."),)
 
@@ -120,6 +122,11 @@ class Qwen25VL(Qwen2VL):
     projector_type = gguf.VisionProjectorType.QWEN25VL
     family = "Qwen2.5-VL"
     default_act = "silu"
+    runtime_defects = (RuntimeDefect(
+        "qwen2.5vl_merger", f"llama.cpp's qwen2.5vl runtime ignores clip.vision.window_size and always attends "
+        f"within {LLAMA_WINDOW}-pixel windows: the file matches transformers run with {LLAMA_WINDOW}-pixel windows, "
+        "the runtime does not match this checkpoint's window_size", "ggraft README, Known llama.cpp deviations",
+        seen_up_to="0.3.36", unless_key=(gguf.Keys.ClipVision.WINDOW_SIZE, LLAMA_WINDOW)),)
 
     @classmethod
     def refuses(cls, config):
@@ -152,9 +159,6 @@ class Qwen25VL(Qwen2VL):
         side = self.params().patch_size * LLAMA_MERGE
         return 6 * side, 8 * side  # 168 x 224 at patch 14: four 112-px windows, two of them partial
 
-    runtime_note = ("llama.cpp's qwen2.5vl runtime ignores clip.vision.window_size and always attends within "
-                    f"{LLAMA_WINDOW}-pixel windows: the file matches transformers run with {LLAMA_WINDOW}-pixel "
-                    "windows, the runtime does not match this checkpoint's window_size")
 
     def runtime_reference(self, model, pixel_values):
         if self.window() == LLAMA_WINDOW:

@@ -16,7 +16,7 @@ __all__ = ["__version__", "GgraftError", "InputError", "IncompatibleError", "Pai
 def __getattr__(name: str):
     # Pair pulls in llama-cpp-python; import it only when asked for.
     if name == "Pair":
-        from .pair import Pair
+        from .pair.runtime import Pair
 
         return Pair
     raise AttributeError(name)

@@ -33,7 +33,7 @@ def run_cli(*args: str | Path, cwd: Path | None = None, timeout: int = 600) -> C
 def pair_warnings(text: Path, mmproj: Path) -> list[str]:
     """The warnings ``ggraft check`` gives for a pair (e.g. a known llama.cpp runtime defect for
     the installed llama-cpp-python), which ``run``/``pack`` pass on to the user."""
-    from ggraft.check import check_pair
+    from ggraft.pair.check import check_pair
 
     return [f.message for f in check_pair(text, mmproj).findings if f.severity == "warning"]
 
@@ -74,9 +74,9 @@ def llava_fixture() -> Path:
 @pytest.fixture(scope="session")
 def llava_mmproj(llava_fixture, tmp_path_factory) -> Path:
     """An f32 mmproj converted from the tiny LLaVA with the library API."""
-    from ggraft import mmproj
-    from ggraft.checkpoint import Checkpoint
-    from ggraft.converter import converter_for
+    from ggraft.mmproj import writer as mmproj
+    from ggraft.hf.checkpoint import Checkpoint
+    from ggraft.mmproj.converter import converter_for
 
     out = tmp_path_factory.mktemp("llava") / "mmproj-f32.gguf"
     return mmproj.convert(converter_for(Checkpoint(llava_fixture / "hf")), out, "f32")
@@ -103,9 +103,9 @@ def record_fidelity(family: str, outtype: str, report) -> None:
 def conversion_cache(fixture_dirs: dict[str, Path], out_dir: Path):
     """``get(family, layout, outtype)``: the fixture ``fixture_dirs[family] / layout`` converted
     to an mmproj of ``outtype``, once per key."""
-    from ggraft import mmproj
-    from ggraft.checkpoint import Checkpoint
-    from ggraft.converter import converter_for
+    from ggraft.mmproj import writer as mmproj
+    from ggraft.hf.checkpoint import Checkpoint
+    from ggraft.mmproj.converter import converter_for
 
     done: dict[tuple[str, str, str], Path] = {}
 

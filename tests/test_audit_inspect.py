@@ -8,9 +8,9 @@ import gguf
 import numpy as np
 from conftest import assert_one_line_error, run_cli
 
-from ggraft import gguf_file
-from ggraft.audit import audit
-from ggraft.gguf_inspect import inspect_gguf
+from ggraft.gguf_io import gguf_file
+from ggraft.jobs.audit import audit
+from ggraft.gguf_io.gguf_inspect import inspect_gguf
 
 Q = gguf.GGMLQuantizationType
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from conftest import gguf_tensors, run_cli
-from ggraft import gguf_file
-from ggraft.checkpoint import Checkpoint
-from ggraft.converter import converter_for
-from ggraft.mmproj import convert
+from ggraft.gguf_io import gguf_file
+from ggraft.hf.checkpoint import Checkpoint
+from ggraft.mmproj.converter import converter_for
+from ggraft.mmproj.writer import convert
 
 Q = gguf.GGMLQuantizationType
 

@@ -13,13 +13,15 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, assert_one_line_error, gguf_tensors, run_cli
-from ggraft import engine, gguf_file
-from ggraft.checkpoint import Checkpoint
-from ggraft.converter import converter_for
+from ggraft.pair import engine
+from ggraft.gguf_io import gguf_file
+from ggraft.hf.checkpoint import Checkpoint
+from ggraft.mmproj.converter import converter_for
 from ggraft.errors import EngineError
-from ggraft.graft import graft
-from ggraft.mmproj import convert, write_gguf
-from ggraft.verify import test_image as make_image
+from ggraft.jobs.graft import graft
+from ggraft.gguf_io.output import write_gguf
+from ggraft.mmproj.writer import convert
+from ggraft.jobs.verify import test_image as make_image
 
 BREAK = "v.token_embd.img_break"
 BREAK_ID = 321
@@ -101,7 +103,7 @@ def test_native_donor_gives_the_same_mmproj(grafted, fixture, tmp_path):
 
 
 def test_llama_cpp_runs_the_grafted_pair(grafted, fixture):
-    from ggraft.pair import Pair
+    from ggraft.pair.runtime import Pair
 
     pair = Pair(fixture / "recipient.gguf", grafted, n_ctx=512, n_threads=2)
     pieces = list(pair.describe(ROOT / "fixtures" / "sample.png", "What is in the picture?",
@@ -228,7 +230,7 @@ def test_bad_inputs_are_one_line(fixture, grafted, tmp_path):
 
 def test_vocab_lookup_takes_the_last_of_a_repeated_piece(tmp_path):
     """As llama.cpp's vocab does, a piece listed twice resolves to its last id."""
-    from ggraft.graft import vocab_tokens
+    from ggraft.jobs.graft import vocab_tokens
 
     path = tmp_path / "dup.gguf"
     w = gguf.GGUFWriter(str(path), "llama")

@@ -13,10 +13,10 @@ import json
 import pytest
 
 from conftest import BARS, record_fidelity, run_cli
-from ggraft.checkpoint import Checkpoint
-from ggraft.converter import converter_for
-from ggraft.mmproj import convert
-from ggraft.verify import verify
+from ggraft.hf.checkpoint import Checkpoint
+from ggraft.mmproj.converter import converter_for
+from ggraft.mmproj.writer import convert
+from ggraft.jobs.verify import verify
 
 
 @pytest.mark.parametrize("outtype", list(BARS))

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from conftest import BARS, assert_one_line_error, record_fidelity, run_cli
-from ggraft import gguf_file
-from ggraft.checkpoint import Checkpoint, MistralCheckpoint, open_checkpoint
-from ggraft.converter import converter_for
-from ggraft.mmproj import convert
-from ggraft.verify import verify
+from ggraft.gguf_io import gguf_file
+from ggraft.hf.checkpoint import Checkpoint, MistralCheckpoint, open_checkpoint
+from ggraft.mmproj.converter import converter_for
+from ggraft.mmproj.writer import convert
+from ggraft.jobs.verify import verify
 
 EMBEDDINGS = "language_model.model.embed_tokens.weight"
 

@@ -19,10 +19,11 @@ import numpy as np
 import pytest
 
 from conftest import BARS, assert_one_line_error, conversion_cache, gguf_tensors, record_fidelity, run_cli
-from ggraft import gguf_file, mmproj
-from ggraft.checkpoint import Checkpoint
-from ggraft.converter import converter_for
-from ggraft.verify import verify
+from ggraft.gguf_io import gguf_file
+from ggraft.mmproj import writer as mmproj
+from ggraft.hf.checkpoint import Checkpoint
+from ggraft.mmproj.converter import converter_for
+from ggraft.jobs.verify import verify
 
 Q = gguf.GGMLQuantizationType
 LAYOUTS = [("qwen2vl", "hf"), ("qwen2vl", "hf-modules"), ("qwen25vl", "hf"), ("qwen25vl", "hf-modules"),
@@ -111,7 +112,7 @@ def test_multi_window_image_exercises_the_windows(fixture_dirs):
     and does not on the one-window image: the two images test window attention and its absence."""
     import torch
 
-    from ggraft.verify import load_reference_model, pixel_values, test_image
+    from ggraft.jobs.verify import load_reference_model, pixel_values, test_image
 
     ckpt = Checkpoint(fixture_dirs["qwen25vl"] / "hf")
     conv, model = converter_for(ckpt), load_reference_model(ckpt)

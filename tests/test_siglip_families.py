@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 
 from conftest import BARS, assert_one_line_error, conversion_cache, gguf_tensors, record_fidelity, run_cli
-from ggraft import gguf_file, mmproj
-from ggraft.checkpoint import Checkpoint
-from ggraft.converter import converter_for
-from ggraft.verify import verify
+from ggraft.gguf_io import gguf_file
+from ggraft.mmproj import writer as mmproj
+from ggraft.hf.checkpoint import Checkpoint
+from ggraft.mmproj.converter import converter_for
+from ggraft.jobs.verify import verify
 
 Q = gguf.GGMLQuantizationType
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")

@@ -11,6 +11,7 @@ never imports one by name.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import pkgutil
 from dataclasses import dataclass, field
@@ -20,10 +21,16 @@ import gguf
 import numpy as np
 from gguf.lazy import LazyNumpyTensor
 
-from .checkpoint import Checkpoint
-from .errors import InputError, UnsupportedModelError
+from ggraft.hf.checkpoint import Checkpoint
+from ggraft.errors import InputError, UnsupportedModelError
+from .facts import Convention, RuntimeDefect
 
 Lazy = LazyNumpyTensor
+
+
+def in_memory(values: np.ndarray) -> Lazy:
+    """An array already in memory, as a lazy tensor."""
+    return Lazy(meta=Lazy.meta_with_dtype_and_shape(values.dtype, values.shape), args=(values,), func=lambda v: v)
 
 
 @dataclass
@@ -45,27 +52,58 @@ class VisionParams:
     extra: dict[str, Any] = field(default_factory=dict)  # family keys, written by the family
 
 
+@dataclass(frozen=True)
+class Recipient:
+    """What ``ggraft graft`` takes from the text model an mmproj is made for: its rows for the
+    family's ``text_rows`` tokens and its ids for the image tokens."""
+
+    rows: dict[str, np.ndarray]
+    token_ids: dict[str, int]
+
+
 class Converter:
     """Base of every family converter; see the module docstring."""
 
     architectures: ClassVar[tuple[str, ...]] = ()
     projector_type: ClassVar[str] = ""
     family: ClassVar[str] = ""
-    #: boundary/placeholder tokens this family's text models carry (for audit and the README)
+    #: the image tokens the family's processor puts in the text (graft checks the recipient has them)
     image_tokens: ClassVar[tuple[str, ...]] = ()
+    #: how the family's tokenizers mark images (``ggraft audit``); may list more than image_tokens
+    convention: ClassVar[Convention | None] = None
+    #: known ways llama.cpp's runtime departs from transformers for this family (check warns,
+    #: verify compares with ``runtime_reference`` as well)
+    runtime_defects: ClassVar[tuple[RuntimeDefect, ...]] = ()
     #: checkpoint name prefixes that belong to the vision side; anything else is ignored
     vision_prefixes: ClassVar[tuple[str, ...]] = ("vision_tower.", "multi_modal_projector.")
     #: (alias, canonical) prefix rewrites so every saved layout maps onto TensorNameMap's names
     layout_aliases: ClassVar[tuple[tuple[str, str], ...]] = ()
     #: mmproj tensors that are rows of the language model's embedding table, by token
-    #: (e.g. Pixtral's v.token_embd.img_break); ``ggraft graft`` takes them from the recipient
+    #: (e.g. Pixtral's v.token_embd.img_break): ``text_row`` reads them from the checkpoint, or
+    #: ``ggraft graft`` supplies the recipient's (``recipient``)
     text_rows: ClassVar[dict[str, str]] = {}
 
-    def __init__(self, ckpt: Checkpoint):
+    def __init__(self, ckpt: Checkpoint, recipient: Recipient | None = None):
         self.ckpt = ckpt
         self.config = ckpt.config
         self.vision_config: dict[str, Any] = ckpt.config.get("vision_config") or {}
         self.text_config: dict[str, Any] = ckpt.config.get("text_config") or {}
+        self.recipient = recipient
+
+    def __init_subclass__(cls, **kwargs):
+        """A family's ``params()`` is computed once per converter (tensors() asks for it often)."""
+        super().__init_subclass__(**kwargs)
+        if "params" in cls.__dict__:
+            compute = cls.__dict__["params"]
+
+            @functools.wraps(compute)
+            def params(self):
+                memo = self.__dict__.setdefault("_params", {})
+                if cls not in memo:
+                    memo[cls] = compute(self)
+                return memo[cls]
+
+            cls.params = params
 
     # -- what a family provides --------------------------------------------------------
     @classmethod
@@ -90,8 +128,24 @@ class Converter:
         yield gguf_name, tensor
 
     def extra_tensors(self) -> Iterator[tuple[str, Lazy]]:
-        """Tensors that do not come from the vision side (e.g. Pixtral's [IMG_BREAK] row)."""
-        return iter(())
+        """Tensors that do not come from the vision side: by default the ``text_rows``, from the
+        recipient when there is one, else from the checkpoint (``text_row``)."""
+        for gguf_name, token in self.text_rows.items():
+            if self.recipient is not None:
+                yield gguf_name, in_memory(self.recipient.rows[token])
+            else:
+                yield gguf_name, self.text_row(token)
+
+    def text_row(self, token: str) -> Lazy:
+        """``token``'s row of the checkpoint's language-model embedding table (families with ``text_rows``)."""
+        raise NotImplementedError(f"{type(self).__name__} declares text_rows but cannot read them")
+
+    def token_ids(self) -> dict[str, int]:
+        """The ids of the image tokens: the recipient's when grafting, else the checkpoint tokenizer's."""
+        if self.recipient is not None:
+            return dict(self.recipient.token_ids)
+        added = self.ckpt.added_tokens()
+        return {t: added[t][0] for t in self.image_tokens if t in added}
 
     def test_image_size(self) -> tuple[int, int]:
         """(height, width) of an image this family takes without resizing."""
@@ -102,12 +156,14 @@ class Converter:
         """transformers' image features for ``pixel_values`` (1, 3, H, W); used by verify."""
         return model.get_image_features(pixel_values=pixel_values)
 
-    #: what ``runtime_reference`` emulates: a known way the llama.cpp runtime departs from transformers
-    runtime_note: ClassVar[str | None] = None
+    @property
+    def runtime_note(self) -> str | None:
+        """What ``runtime_reference`` emulates: the family's runtime defects, in one line."""
+        return "; ".join(f"{d.summary} ({d.reference})" for d in self.runtime_defects) or None
 
     def runtime_reference(self, model: Any, pixel_values: Any) -> Any:
         """transformers' modules run the way the installed llama.cpp runtime runs this family,
-        where that is known to differ (``runtime_note``); None when it is not known to."""
+        where that is known to differ (``runtime_defects``); None when it is not known to."""
         return None
 
     def llama_rows(self, rows: np.ndarray) -> np.ndarray:

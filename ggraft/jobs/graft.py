@@ -17,23 +17,26 @@ family's converter, or an existing mmproj GGUF, copied key by key and tensor by 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import gguf
 import numpy as np
 
-from . import __version__, gguf_file, mmproj
-from .checkpoint import open_checkpoint
-from .converter import Converter, Lazy, converter_for, discover
-from .errors import InputError
+from ggraft import __version__
+from ggraft.gguf_io import gguf_file
+from ggraft.gguf_io import output
+from ggraft.mmproj import writer as mmproj
+from ggraft.hf.checkpoint import open_checkpoint
+from ggraft.mmproj.converter import Converter, Lazy, Recipient, converter_for, discover, in_memory
+from ggraft.errors import InputError
 
 TOKEN_EMBD = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.TOKEN_EMBD] + ".weight"
 #: token types llama.cpp parses as special tokens in text (llama-vocab.cpp, parse_special)
 SPECIAL_TYPES = (gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED)
 #: where an mmproj written by ggraft records its image tokens and their ids
-P = mmproj.PROVENANCE_PREFIX
+P = output.PROVENANCE_PREFIX
 
 
 # -- the recipient's vocab ---------------------------------------------------------------------
@@ -144,10 +147,10 @@ def graft(donor: str | Path, text: str | Path, out: str | Path, outtype: str | N
           allow_token_remap: bool = False) -> GraftReport:
     """Write the donor's tower and projector, fitted to the recipient text GGUF, to ``out``."""
     text, out = Path(text), Path(out)
-    mmproj.check_output(out, force)
+    output.check_output(out, force)
     if out.resolve() in (Path(donor).resolve(), text.resolve()):
         raise InputError(f"{out}: the output would overwrite an input")
-    qtype = mmproj.parse_outtype(outtype) if outtype else None
+    qtype = output.parse_outtype(outtype) if outtype else None
     recipient = gguf_file.scan_gguf(text, "text GGUF")  # header index: no vocab decoding
     arch = gguf_file.value(recipient, gguf.Keys.General.ARCHITECTURE, "")
     if arch == "clip":
@@ -176,7 +179,7 @@ def graft(donor: str | Path, text: str | Path, out: str | Path, outtype: str | N
         report.rows[name] = f"{text.name} {TOKEN_EMBD} row {ids[token]} ({kind})"
     provenance = {"donor": d.name, "recipient": text.name, "recipient_header_sha256": report.recipient_header_sha256}
     if d.converter is not None:
-        fitted = fitted_converter(d.converter, rows, ids)
+        fitted = type(d.converter)(d.converter.ckpt, Recipient(rows, ids))
         mmproj.convert(fitted, out, outtype or "f16", force=True, provenance=provenance)
     else:
         copy_mmproj(d.reader, d.family, rows, ids, out, qtype, provenance)
@@ -188,24 +191,6 @@ def recipient_row(reader: gguf_file.GGUFIndex, tid: int, width: int) -> np.ndarr
     if row.shape != (width,) or not np.isfinite(row).all():
         raise InputError(f"{reader.path}: {TOKEN_EMBD} row {tid} is not {width} finite values")
     return row
-
-
-def _lazy(values: np.ndarray) -> Lazy:
-    return Lazy(meta=Lazy.meta_with_dtype_and_shape(values.dtype, values.shape), args=(values,), func=lambda v: v)
-
-
-def fitted_converter(conv: Converter, rows: dict[str, np.ndarray], ids: dict[str, int]) -> Converter:
-    """``conv`` with its text-model rows and recorded token ids taken from the recipient."""
-
-    class Fitted(type(conv)):
-        def text_row(self, token: str) -> Lazy:
-            return _lazy(rows[token])
-
-        def params(self):
-            p = super().params()
-            return replace(p, extra={**p.extra, mmproj.IMAGE_TOKENS_KEY: list(ids), mmproj.IMAGE_TOKEN_IDS_KEY: list(ids.values())})
-
-    return Fitted(conv.ckpt)
 
 
 def _dequantized(t: gguf.ReaderTensor) -> Lazy:
@@ -243,7 +228,7 @@ def copy_mmproj(reader: gguf.GGUFReader, family: type[Converter], rows: dict[str
             continue  # GGUFWriter cannot write an empty array; llama.cpp reads none as absent
         w.add_key_value(key, value, f.types[0], sub_type=f.types[-1] if array else None)
     if qtype is not None:
-        w.add_file_type(mmproj.FILE_TYPES[qtype])
+        w.add_file_type(output.FILE_TYPES[qtype])
     w.add_array(mmproj.IMAGE_TOKENS_KEY, list(ids))
     w.add_array(mmproj.IMAGE_TOKEN_IDS_KEY, list(ids.values()))
     for key, value in {"version": __version__, **provenance}.items():
@@ -258,10 +243,10 @@ def copy_mmproj(reader: gguf.GGUFReader, family: type[Converter], rows: dict[str
             row = replaced.pop(t.name)
             if row.size != int(t.n_elements):
                 raise InputError(f"{reader.path}: {t.name} has {t.n_elements} values, the recipient's row {row.size}")
-            source, target = _lazy(row.reshape(source.shape)), gguf.GGMLQuantizationType.F32
+            source, target = in_memory(row.reshape(source.shape)), gguf.GGMLQuantizationType.F32
         elif not writable(target):
             raise InputError(f"{reader.path}: tensor {t.name} is {target.name}, which gguf-py cannot write back",
                              hint="pass --outtype f16 (or f32, bf16, q8_0) to re-encode the donor's tensors")
         plan.append((t.name, source, target))
-    plan += [(name, _lazy(row), gguf.GGMLQuantizationType.F32) for name, row in replaced.items()]
-    return mmproj.write_gguf(out, w, plan, label=f"graft {out.name}")
+    plan += [(name, in_memory(row), gguf.GGMLQuantizationType.F32) for name, row in replaced.items()]
+    return output.write_gguf(out, w, plan, label=f"graft {out.name}")

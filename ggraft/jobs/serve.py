@@ -19,8 +19,9 @@ import socket
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import InputError
-from .pair import Pair, image_bytes
+from ggraft import compat
+from ggraft.errors import InputError
+from ggraft.pair.runtime import Pair, image_bytes
 
 
 def is_loopback(host: str) -> bool:
@@ -122,18 +123,15 @@ def create_app(pair: Pair, *, alias: str, api_key: str | None = None, allow_file
     from starlette_context.middleware import RawContextMiddleware
     from starlette_context.plugins import RequestIdPlugin
 
-    from . import __version__
+    from ggraft import __version__
 
-    if not hasattr(server, "_llama_proxy"):
-        raise InputError("this llama-cpp-python's server has no model proxy to serve the pair with",
-                         "install the llama-cpp-python version pinned by ggraft")
     # every field given, so that no environment variable (API_KEY, PORT, ...) changes the server;
     # requests queue instead of interrupting a streaming reply
     server.set_server_settings(ServerSettings(api_key=api_key, interrupt_requests=False, disable_ping_events=False,
                                               root_path="", ssl_keyfile=None, ssl_certfile=None))
     # llama-cpp-python's create_app() would load the model itself, through its own settings; the
-    # router reads the model from this module-level proxy, so it is given the pair's Llama instead
-    server._llama_proxy = _PairModels(pair, alias)
+    # router reads the model from a module-level proxy, so it is given the pair's Llama instead
+    compat.serve_models(server, _PairModels(pair, alias))
     app = FastAPI(title="ggraft serve", version=__version__,
                   middleware=[Middleware(RawContextMiddleware, plugins=(RequestIdPlugin(),)),
                               Middleware(ImageCheck, allow_files=allow_files)])

@@ -1,5 +1,4 @@
-"""Data: the text tokens llama.cpp puts around image embeddings, per projector type, and the
-vision-token conventions of model families (for ``ggraft audit``).
+"""Data: the text tokens llama.cpp puts around image embeddings, per projector type.
 
 ``BOUNDARY_TOKENS`` is read from ``tools/mtmd/mtmd.cpp`` (``mtmd_context::init_vision``) of the
 llama.cpp that llama-cpp-python 0.3.36 vendors (``LLAMA_CPP_SOURCE``).  There a projector type
@@ -75,41 +74,3 @@ BOUNDARY_TOKENS: dict[str, tuple[tuple[Boundary, ...], ...]] = {
     "exaone4_5": (_pair("<vision>", "</vision>"),),
     "granite4_vision": ((Boundary("\n", "image end"),),),
 }
-
-
-@dataclass(frozen=True)
-class Convention:
-    """How a family's tokenizer marks images: exact tokens and regex patterns (for numbered tiles)."""
-
-    family: str
-    tokens: tuple[str, ...]
-    patterns: tuple[str, ...] = ()
-    projectors: tuple[str, ...] = ()  # projector types of mmprojs built for this family
-
-
-#: vision-token conventions of model families, from each family's tokenizer and processor
-#: (transformers' processing_<family>.py) and the projector types in BOUNDARY_TOKENS
-CONVENTIONS: tuple[Convention, ...] = (
-    Convention("Pixtral / Mistral", ("[IMG]", "[IMG_BREAK]", "[IMG_END]"), projectors=("pixtral",)),
-    Convention("Gemma 3", ("<start_of_image>", "<end_of_image>", "<image_soft_token>"), projectors=("gemma3", "gemma3nv")),
-    Convention("Gemma 4", ("<|image>", "<image|>", "<|image|>"), projectors=("gemma4v", "gemma4uv")),
-    Convention("Qwen-VL", ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_pad|>"),
-               projectors=("qwen2vl_merger", "qwen2.5vl_merger", "qwen3vl_merger")),
-    Convention("Idefics3 / SmolVLM", ("<fake_token_around_image>", "<global-img>", "<image>"),
-               (r"<row_\d+_col_\d+>",), projectors=("idefics3",)),
-    Convention("LLaVA", ("<image>",), projectors=("mlp",)),
-    Convention("InternVL", ("<img>", "</img>", "<IMG_CONTEXT>"), projectors=("internvl",)),
-    Convention("LFM2-VL", ("<|image_start|>", "<|image_end|>", "<image>", "<|img_thumbnail|>"),
-               (r"<\|img_row_\d+_col_\d+\|>",), projectors=("lfm2",)),
-    Convention("Llama 4", ("<|image_start|>", "<|image_end|>", "<|image|>", "<|patch|>",
-                           "<|tile_x_separator|>", "<|tile_y_separator|>"), projectors=("llama4",)),
-    Convention("MiniCPM-V", ("<image>", "</image>", "<slice>", "</slice>"), projectors=("resampler", "minicpmv4_6")),
-    Convention("Kimi-VL", ("<|media_start|>", "<|media_end|>", "<|media_pad|>", "<|media_begin|>"),
-               projectors=("kimivl", "kimik25")),
-    Convention("GLM-4V", ("<|begin_of_image|>", "<|end_of_image|>"), projectors=("glm4v", "glm5v")),
-    Convention("PaddleOCR-VL", ("<|IMAGE_START|>", "<|IMAGE_END|>"), projectors=("paddleocr",)),
-    Convention("dots.ocr", ("<|img|>", "<|endofimg|>", "<|imgpad|>"), projectors=("dots_ocr",)),
-    Convention("EXAONE 4.5", ("<vision>", "</vision>"), projectors=("exaone4_5",)),
-    Convention("Step3-VL", ("<im_start>", "<im_end>", "<patch_start>", "<patch_end>", "<patch_newline>"),
-               projectors=("step3vl",)),
-)

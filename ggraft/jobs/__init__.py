@@ -1,0 +1,2 @@
+"""Layer 4: the jobs the CLI offers, each a library call: verify, graft, audit, serve, pack,
+merge (convert is ``ggraft.mmproj.writer.convert``; run is ``ggraft.pair.runtime.Pair``)."""
