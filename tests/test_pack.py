@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from conftest import assert_one_line_error, pair_warnings, run_cli
 
-from ggraft import __version__, pack
-from ggraft.check import check_pair
+from ggraft import __version__
+from ggraft.jobs.pack import chat_formats, projector
+from ggraft.pair.check import check_pair
 
 NAME = "tiny-llava-text"  # the fixture text GGUF's general.name
 EOS = "</s>"
@@ -30,7 +31,7 @@ def rewritten(src: Path, out: Path, set_keys: dict | None = None, drop: tuple[st
     reader = gguf.GGUFReader(src)
     kept = {k: v for k, v in reader.fields.items() if k not in drop}
     reader.fields = type(reader.fields)(kept)
-    pack.rewrite_with_keys(reader, out, set_keys or {})
+    projector.rewrite_with_keys(reader, out, set_keys or {})
     return out
 
 
@@ -146,8 +147,8 @@ def test_ollama_layout_modelfile_reads_back(pair, tmp_path):
     # with no separator after the user turn; the TEMPLATE must produce exactly that
     from fixtures.llava import CHAT_TEMPLATE
 
-    fmt = pack.match_chat_format(CHAT_TEMPLATE, "<s>", EOS, True)
-    assert fmt.render(pack.PROBES[3], EOS) == ("Be brief.\nUSER: HiASSISTANT: Hello.</s>\n"
+    fmt = chat_formats.match_chat_format(CHAT_TEMPLATE, "<s>", EOS, True)
+    assert fmt.render(chat_formats.PROBES[3], EOS) == ("Be brief.\nUSER: HiASSISTANT: Hello.</s>\n"
                                                "USER: What colour is the sky?ASSISTANT:")
     assert data["template"] == "llava" and data["stop"] == [EOS, "USER:"]
     commands = parse_modelfile((folder / "Modelfile").read_text())
@@ -198,14 +199,14 @@ def test_mmproj_metadata_is_fixed_in_the_copy_only(pair, tmp_path):
     assert fixed.get_field("general.type").contents() == "mmproj"
     assert fixed.get_field("clip.has_vision_encoder").contents() is True
     assert fixed.get_field("clip.vision.block_count").contents() == 3
-    assert pack.projector_fixes(fixed) == {}
+    assert projector.projector_fixes(fixed) == {}
     assert [t.name for t in fixed.tensors] == [t.name for t in orig.tensors]
     assert all(np.array_equal(a.data, b.data) and a.tensor_type == b.tensor_type
                for a, b in zip(fixed.tensors, orig.tensors))
     assert data["files"][1]["sha256"] == sha256(packed)
 
     # llama.cpp takes the fixed copy as a vision encoder and encodes exactly as the original
-    from ggraft import engine
+    from ggraft.pair import engine
 
     rgb = np.random.default_rng(0).integers(0, 256, (56, 56, 3), dtype=np.uint8)
     model = engine.load_text_model(text)
@@ -256,13 +257,32 @@ def test_bad_names_are_one_line_errors(pair, tmp_path, option, value, needle):
     (["--name", "x"], "exactly one of"),
     (["--lmstudio", "{out}", "--copy", "--link"], "exclude each other"),
     (["--lmstudio", "{out}", "--create"], "--ollama only"),
-    (["--lmstudio", "{out}/missing"], "does not exist"),
+    (["--lmstudio", "{out}/plain-file"], "not a folder"),
 ])
 def test_bad_usage_is_refused(pair, tmp_path, args, needle):
     out = tmp_path / "out"
     out.mkdir()
+    if "plain-file" in " ".join(args):
+        (out / "plain-file").write_text("not a folder")
+        assert_one_line_error(run_cli("pack", *pair, *[a.format(out=out) for a in args]), needle)
+        assert os.listdir(out) == ["plain-file"]
+        return
     assert_one_line_error(run_cli("pack", *pair, *[a.format(out=out) for a in args]), needle)
     assert os.listdir(out) == []
+
+
+def test_missing_output_folders_are_created_and_removed_on_failure(pair, tmp_path):
+    """The README's `--ollama ./ollama-models` works before the folder exists; a refused pair
+    leaves no folder it created behind."""
+    made = pack_json(*pair, "--ollama", tmp_path / "new" / "ollama-models")
+    assert Path(made["folder"]) == tmp_path / "new" / "ollama-models" / NAME
+    assert (Path(made["folder"]) / "Modelfile").is_file()
+    # refused only after the package was staged (its mmproj copy needs fixing, then check fails)
+    narrow = rewritten(pair[0], tmp_path / "src" / "narrow.gguf", {"llama.embedding_length": (gguf.GGUFValueType.UINT32, 64)})
+    bare = rewritten(pair[1], tmp_path / "src" / "bare.gguf", drop=("general.type", "clip.has_vision_encoder"))
+    refused = run_cli("pack", narrow, bare, "--lmstudio", tmp_path / "other" / "models")
+    assert refused.code == 1 and "embedding width is 64" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (tmp_path / "other").exists()
 
 
 def test_split_text_model_is_refused(pair, tmp_path):
@@ -304,7 +324,7 @@ def test_stop_tokens_and_chatml_template_from_the_gguf(pair, tmp_path):
     assert data["template"] == "chatml"
     assert data["stop"] == [EOS, "<image>", "<|im_start|>", "<|im_end|>"]
     commands = parse_modelfile((tmp_path / "chat" / "Modelfile").read_text())
-    chatml_fmt = next(f for f in pack.CHAT_FORMATS if f.name == "chatml")
+    chatml_fmt = next(f for f in chat_formats.CHAT_FORMATS if f.name == "chatml")
     assert ("template", chatml_fmt.template(EOS)) in commands
     assert [v for c, v in commands if c == "stop"] == data["stop"]
 
@@ -360,11 +380,11 @@ QWEN2 = ("{% for message in messages %}{% if loop.first and messages[0]['role'] 
     (None, "<s>", "</s>", True, None),
 ])
 def test_chat_templates_are_mapped_only_when_faithful(template, bos, eos, adds_bos, expected):
-    fmt = pack.match_chat_format(template, bos, eos, adds_bos)
+    fmt = chat_formats.match_chat_format(template, bos, eos, adds_bos)
     assert (fmt.name if fmt else None) == expected
     if fmt:
-        for probe in pack.PROBES:
-            rendered = pack.render_jinja(template, probe, bos, eos).removeprefix(bos)
+        for probe in chat_formats.PROBES:
+            rendered = chat_formats.render_jinja(template, probe, bos, eos).removeprefix(bos)
             assert fmt.render(probe, eos) == rendered
 
 
@@ -401,9 +421,9 @@ def test_go_templates_render_like_their_formats(tmp_path):
     (System = the system messages joined, Messages), equals the format's rendering on every probe."""
     (tmp_path / "main.go").write_text(GO_RENDER)
     cases = [{"Template": f.template(EOS), "Messages": [{"Role": m["role"], "Content": m["content"]} for m in p]}
-             for f in pack.CHAT_FORMATS for p in pack.PROBES]
+             for f in chat_formats.CHAT_FORMATS for p in chat_formats.PROBES]
     proc = subprocess.run(["go", "run", str(tmp_path / "main.go")], input=json.dumps(cases), capture_output=True,
                           text=True, cwd=tmp_path, env={**os.environ, "GO111MODULE": "off"}, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    expected = [f.render(p, EOS) for f in pack.CHAT_FORMATS for p in pack.PROBES]
+    expected = [f.render(p, EOS) for f in chat_formats.CHAT_FORMATS for p in chat_formats.PROBES]
     assert json.loads(proc.stdout) == expected

@@ -10,41 +10,40 @@ from . import output
 from .options import Force, Json, MmprojGguf, TextGguf
 
 
-def register(app: typer.Typer) -> None:
-    @app.command()
-    def pack(text: TextGguf, mmproj: MmprojGguf,
-             lmstudio: Annotated[Optional[Path], typer.Option(
-                 "--lmstudio", metavar="DIR", help="LM Studio models folder: writes DIR/<publisher>/<name>/.")] = None,
-             ollama: Annotated[Optional[Path], typer.Option(
-                 "--ollama", metavar="DIR", help="Writes DIR/<name>/ with the two GGUFs and a Modelfile.")] = None,
-             name: Annotated[Optional[str], typer.Option(
-                 "--name", help="Model name (default: the text model's general.name).")] = None,
-             publisher: Annotated[Optional[str], typer.Option(
-                 "--publisher", help="LM Studio publisher folder (default: ggraft).")] = None,
-             copy: Annotated[bool, typer.Option("--copy", help="Copy the GGUFs instead of hard-linking them.")] = False,
-             link: Annotated[bool, typer.Option("--link", help="Require hard links; fail where they are impossible.")] = False,
-             create: Annotated[bool, typer.Option(
-                 "--create", help="Ollama: run 'ollama create NAME -f Modelfile' (printed when ollama is absent).")] = False,
-             force: Force = False, json: Json = False) -> None:
-        """Pack a checked pair for LM Studio or Ollama: GGUFs hard-linked (or copied), plus a model
-        card and SHA256SUMS (LM Studio) or a Modelfile (Ollama). Exit 1 if the pair fails check."""
-        from ..errors import InputError
-        from ..pack import ollama_create, pack as run
+def pack(text: TextGguf, mmproj: MmprojGguf,
+         lmstudio: Annotated[Optional[Path], typer.Option(
+             "--lmstudio", metavar="DIR", help="LM Studio models folder: writes DIR/<publisher>/<name>/.")] = None,
+         ollama: Annotated[Optional[Path], typer.Option(
+             "--ollama", metavar="DIR", help="Writes DIR/<name>/ with the two GGUFs and a Modelfile.")] = None,
+         name: Annotated[Optional[str], typer.Option(
+             "--name", help="Model name (default: the text model's general.name).")] = None,
+         publisher: Annotated[Optional[str], typer.Option(
+             "--publisher", help="LM Studio publisher folder (default: ggraft).")] = None,
+         copy: Annotated[bool, typer.Option("--copy", help="Copy the GGUFs instead of hard-linking them.")] = False,
+         link: Annotated[bool, typer.Option("--link", help="Require hard links; fail where they are impossible.")] = False,
+         create: Annotated[bool, typer.Option(
+             "--create", help="Ollama: run 'ollama create NAME -f Modelfile' (printed when ollama is absent).")] = False,
+         force: Force = False, json: Json = False) -> None:
+    """Pack a checked pair for LM Studio or Ollama: GGUFs hard-linked (or copied), plus a model
+    card and SHA256SUMS (LM Studio) or a Modelfile (Ollama). Exit 1 if the pair fails check."""
+    from ggraft.errors import InputError
+    from ggraft.jobs.pack import pack as run
+    from ggraft.jobs.pack.targets import ollama_create
 
-        if (lmstudio is None) == (ollama is None):
-            raise InputError("give exactly one of --lmstudio DIR or --ollama DIR")
-        if copy and link:
-            raise InputError("--copy and --link exclude each other")
-        if create and ollama is None:
-            raise InputError("--create applies to --ollama only")
-        layout, out_dir = ("lmstudio", lmstudio) if lmstudio is not None else ("ollama", ollama)
-        result = run(text, mmproj, layout, out_dir, name=name, publisher=publisher,
-                     link="copy" if copy else "link" if link else "auto", force=force)
-        created = ollama_create(result) if create else False
-        if json:
-            output.emit_json({**result.to_dict(), "created": created})
-            return
-        render(result, create, created)
+    if (lmstudio is None) == (ollama is None):
+        raise InputError("give exactly one of --lmstudio DIR or --ollama DIR")
+    if copy and link:
+        raise InputError("--copy and --link exclude each other")
+    if create and ollama is None:
+        raise InputError("--create applies to --ollama only")
+    layout, out_dir = ("lmstudio", lmstudio) if lmstudio is not None else ("ollama", ollama)
+    result = run(text, mmproj, layout, out_dir, name=name, publisher=publisher,
+                 link="copy" if copy else "link" if link else "auto", force=force)
+    created = ollama_create(result) if create else False
+    if json:
+        output.emit_json({**result.to_dict(), "created": created})
+        return
+    render(result, create, created)
 
 
 def render(result, create: bool, created: bool) -> None:
