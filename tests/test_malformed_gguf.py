@@ -12,7 +12,7 @@ import pytest
 from conftest import assert_one_line_error, run_cli
 
 from ggraft.errors import InputError
-from ggraft.gguf_file import open_gguf, scan_gguf
+from ggraft.gguf_io.gguf_file import open_gguf, scan_gguf
 
 U8, I8, U16, I16, U32, I32, F32, BOOL, STRING, ARRAY, U64, I64, F64 = range(13)
 T_F32, T_Q8_0 = 0, 8
@@ -239,3 +239,38 @@ def test_cli_inspect_and_audit_refuse_malformed_files(tmp_path):
 def test_cli_text_model_given_as_mmproj(llava_fixture):
     text = llava_fixture / "text.gguf"
     assert_one_line_error(run_cli("check", text, text), str(text), "not an mmproj")
+
+
+def test_typed_accessors_name_the_key_and_both_types(tmp_path):
+    """A value stored with another type than its reader needs is one line: file, key, stored, expected."""
+    kvs = [*BASE_KVS, u32_kv("clip.projector_type", 5), str_kv("clip.vision.image_size", "224"),
+           kv("clip.vision.image_mean", ARRAY, struct.pack("<IQ", STRING, 1) + s("x")),
+           kv("general.flag", BOOL, b"\1"), kv("general.eps", F32, struct.pack("<f", 1e-6))]
+    index = scan_gguf(write(tmp_path, "typed", build(kvs)))
+    assert index.integer("llama.embedding_length") == 4 and index.string("general.architecture") == "llama"
+    assert index.flag("general.flag") is True and index.number("llama.embedding_length") == 4
+    assert index.string_list("tokenizer.ggml.tokens") == ["a", "b"] and index.string("absent", "x") == "x"
+    for read, key, stored, expected in (
+            (index.string, "clip.projector_type", "UINT32", "a string"),
+            (index.integer, "clip.vision.image_size", "STRING", "an integer"),
+            (index.numbers_of, "clip.vision.image_mean", "an array of STRING", "an array of numbers"),
+            (index.integers, "llama.embedding_length", "UINT32", "an array of integers"),
+            (index.integer, "general.eps", "FLOAT32", "an integer"),
+            (index.flag, "general.eps", "FLOAT32", "a bool")):
+        with pytest.raises(InputError) as caught:
+            read(key)
+        assert caught.value.message == f"{index.path}: key {key} is stored as {stored}; expected {expected}"
+    field = index.fields["llama.embedding_length"]
+    for read in (index.strings, index.numbers, lambda f: index.string_at(f, 0)):
+        with pytest.raises(InputError, match="key llama.embedding_length is stored as UINT32"):
+            read(field)
+
+
+def test_a_fifo_is_refused_without_being_opened(tmp_path):
+    import os
+
+    fifo = tmp_path / "fifo.gguf"
+    os.mkfifo(fifo)
+    with pytest.raises(InputError, match="not a regular file"):
+        scan_gguf(fifo)
+    assert_one_line_error(run_cli("inspect", fifo, timeout=30), str(fifo), "not a regular file")

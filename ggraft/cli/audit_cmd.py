@@ -12,27 +12,25 @@ from .options import Json
 SHOWN_PER_FAMILY_PATTERN = 3  # numbered tile tokens (<row_i_col_j>): show a few, count the rest
 
 
-def register(app: typer.Typer) -> None:
-    @app.command()
-    def audit(source: Annotated[Path, typer.Argument(help="A text GGUF, or a Hugging Face folder with its tokenizer.")],
-              json: Json = False) -> None:
-        """List latent vision tokens in a tokenizer, the family convention each belongs to, and which
-        ggraft converters could donate a vision tower."""
-        from ..audit import audit as run
+def audit(source: Annotated[Path, typer.Argument(help="A text GGUF, or a Hugging Face folder with its tokenizer.")],
+          json: Json = False) -> None:
+    """List the latent vision tokens in a tokenizer and the converters that could donate a tower.
 
-        report = run(source)
-        if json:
-            output.emit_json(report.to_dict())
-        else:
-            render(report)
+    Each token is shown with the family convention it belongs to."""
+    from ggraft.jobs.audit import audit as run
+
+    report = run(source)
+    if json:
+        output.emit_json(report.to_dict())
+    else:
+        render(report)
 
 
 def render(report) -> None:
-    from rich.markup import escape
     from rich.table import Table
 
     out = output.stdout
-    out.print(f"{escape(report.source)}: {report.vocab_size} tokens ({escape(report.tokenizer)})")
+    out.print(f"{report.source}: {report.vocab_size} tokens ({report.tokenizer})")
     if not report.tokens:
         out.print("latent vision tokens: none found")
         return
@@ -41,11 +39,11 @@ def render(report) -> None:
         table.add_column(col, justify="right" if col == "id" else "left")
     tiles = [t for t in report.tokens if "_col_" in t.token]
     for t in [t for t in report.tokens if t not in tiles] + tiles[:SHOWN_PER_FAMILY_PATTERN]:
-        table.add_row(escape(t.token), str(t.id), t.kind, ", ".join(t.families))
+        table.add_row(t.token, str(t.id), t.kind, ", ".join(t.families))
     if len(tiles) > SHOWN_PER_FAMILY_PATTERN:
         table.add_row(f"… {len(tiles) - SHOWN_PER_FAMILY_PATTERN} more tile tokens", "", "", "")
     out.print(table)
     for f in report.families:
         converters = report.donors.get(f["family"]) or []
-        donors = ", ".join(escape(c) for c in converters) if converters else "no ggraft converter for this family yet"
+        donors = ", ".join(converters) if converters else "no ggraft converter for this family yet"
         out.print(f"{f['family']} ({f['found']} of {f['expected']} tokens): donors: {donors}")

@@ -10,18 +10,18 @@ from . import output
 from .options import Json
 
 
-def register(app: typer.Typer) -> None:
-    @app.command()
-    def inspect(file: Annotated[Path, typer.Argument(help="A GGUF file (text model or mmproj).")],
-                json: Json = False) -> None:
-        """Show what a GGUF file is: architecture, type, widths, projector, tensors by type, provenance."""
-        from ..gguf_inspect import inspect_gguf
+def inspect(file: Annotated[Path, typer.Argument(help="A GGUF file (text model or mmproj).")],
+            json: Json = False) -> None:
+    """Show what a GGUF file is.
 
-        report = inspect_gguf(file)
-        if json:
-            output.emit_json(report.to_dict())
-        else:
-            render(report)
+    Architecture, type, widths, projector, tensors by type and ggraft provenance, from the header."""
+    from ggraft.gguf_io.gguf_inspect import inspect_gguf
+
+    report = inspect_gguf(file)
+    if json:
+        output.emit_json(report.to_dict())
+    else:
+        render(report)
 
 
 def _size(n: int) -> str:
@@ -40,11 +40,10 @@ def _flat(values: dict, prefix: str = "") -> list[tuple[str, object]]:
 
 
 def render(r) -> None:
-    from rich.markup import escape
     from rich.table import Table
 
     out = output.stdout
-    out.print(f"[bold]{escape(r.path)}[/]  GGUF v{r.version}, {_size(r.size_bytes)}")
+    out.print(output.styled("[bold]{}[/]  GGUF v{}, {}", r.path, r.version, _size(r.size_bytes)))
     about = Table(show_header=False, box=None, pad_edge=False)
     about.add_column(style="dim")
     about.add_column(overflow="fold")
@@ -54,7 +53,7 @@ def render(r) -> None:
             *_flat(r.provenance, "ggraft.")]
     for key, value in rows:
         if value is not None:
-            about.add_row(key, escape(str(value)))
+            about.add_row(key, str(value))
     out.print(about)
     tensors = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
     tensors.add_column("tensor type")
@@ -62,5 +61,5 @@ def render(r) -> None:
     tensors.add_column("size", justify="right")
     for name, t in r.tensor_types.items():
         tensors.add_row(name, str(t["count"]), _size(t["bytes"]))
-    tensors.add_row("[bold]total[/]", f"[bold]{r.tensor_count}[/]", f"[bold]{_size(r.tensor_bytes)}[/]")
+    tensors.add_row(*(output.styled("[bold]{}[/]", v) for v in ("total", r.tensor_count, _size(r.tensor_bytes))))
     out.print(tensors)

@@ -10,32 +10,31 @@ from . import output
 from .options import Json, Threads
 
 
-def register(app: typer.Typer) -> None:
-    @app.command()
-    def verify(hf_dir: Annotated[Path, typer.Argument(help="Hugging Face checkpoint folder.")],
-               mmproj: Annotated[Path, typer.Argument(help="The mmproj GGUF converted from it.")],
-               text: Annotated[Optional[Path], typer.Option("--text", help="Text GGUF to load alongside.")] = None,
-               image_size: Annotated[Optional[str], typer.Option(
-                   "--image-size", help="HEIGHTxWIDTH of the test image (default: the family's, taken without resizing).")] = None,
-               threads: Threads = None, json: Json = False) -> None:
-        """Compare the mmproj's image embeddings in llama.cpp with transformers' on the same pixels.
-        Exit 1 below the bar for the file's type (cos 0.9999 f32, 0.999 f16/bf16, 0.99 q8_0)."""
-        from ..errors import InputError
-        from ..verify import verify as run
+def verify(hf_dir: Annotated[Path, typer.Argument(help="Hugging Face checkpoint folder.")],
+           mmproj: Annotated[Path, typer.Argument(help="The mmproj GGUF converted from it.")],
+           text: Annotated[Optional[Path], typer.Option("--text", metavar="FILE", help="Text GGUF to load alongside.")] = None,
+           image_size: Annotated[Optional[str], typer.Option(
+               "--image-size", metavar="HxW", help="HEIGHTxWIDTH of the test image (default: the family's, taken without resizing).")] = None,
+           threads: Threads = None, json: Json = False) -> None:
+    """Compare the mmproj's image embeddings in llama.cpp with transformers' on the same pixels.
 
-        size = None
-        if image_size:
-            try:
-                height, width = (int(x) for x in image_size.lower().split("x"))
-                size = (height, width)
-            except ValueError:
-                raise InputError(f"--image-size {image_size!r}: expected HEIGHTxWIDTH, e.g. 168x224") from None
-        report = run(hf_dir, mmproj, text=text, n_threads=threads, image_size=size)
-        if json:
-            output.emit_json(report.to_dict())
-        else:
-            render(report)
-        raise typer.Exit(0 if report.passed else 1)
+    Exit 1 below the bar for the file's type (cosine 0.9999 f32, 0.999 f16/bf16, 0.99 q8_0)."""
+    from ggraft.errors import InputError
+    from ggraft.jobs.verify import verify as run
+
+    size = None
+    if image_size:
+        try:
+            height, width = (int(x) for x in image_size.lower().split("x"))
+            size = (height, width)
+        except ValueError:
+            raise InputError(f"--image-size {image_size!r}: expected HEIGHTxWIDTH, e.g. 168x224") from None
+    report = run(hf_dir, mmproj, text=text, n_threads=threads, image_size=size)
+    if json:
+        output.emit_json(report.to_dict())
+    else:
+        render(report)
+    raise typer.Exit(0 if report.passed else 1)
 
 
 def render(report) -> None:
