@@ -34,11 +34,11 @@ TOKENS = 32
 
 BARE_SCRIPT = """
 import base64, sys
-from llama_cpp import Llama
 from llama_cpp.llama_chat_format import MTMDChatHandler
+from ggraft.pair.engine import open_llama  # llama_cpp.Llama, with extra buffer types off on AMX (crash)
 text, mmproj, image, prompt, tokens, threads = sys.argv[1:]
-llama = Llama(model_path=text, chat_handler=MTMDChatHandler(mmproj, verbose=False), n_ctx=4096,
-              n_threads=int(threads), seed=0, verbose=False)
+llama = open_llama(text, chat_handler=MTMDChatHandler(mmproj, verbose=False), n_ctx=4096,
+                   n_threads=int(threads), seed=0, verbose=False)
 url = "data:image/png;base64," + base64.b64encode(open(image, "rb").read()).decode()
 r = llama.create_chat_completion(messages=[{"role": "user", "content": [
     {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": prompt}]}],
@@ -49,9 +49,9 @@ print(r["choices"][0]["message"]["content"])
 
 def tiny_pair() -> tuple[Path, Path, Path]:
     from fixtures import llava
-    from ggraft import mmproj
-    from ggraft.checkpoint import Checkpoint
-    from ggraft.converter import converter_for
+    from ggraft.mmproj import writer as mmproj
+    from ggraft.hf.checkpoint import Checkpoint
+    from ggraft.mmproj.converter import converter_for
 
     fixture = llava.build()
     out = ROOT / ".cache" / "bench" / f"mmproj-{fixture.name}-f32.gguf"
@@ -73,7 +73,7 @@ def bare_request(llama, image: Path, stream: bool) -> int:
 
 
 def ggraft_request(pair, image: Path, stream: bool) -> int:
-    from ggraft.pair import user_messages
+    from ggraft.pair.runtime import user_messages
 
     reply = pair.generate(user_messages([image], PROMPT), stream=stream, max_tokens=TOKENS, temperature=0.2,
                           top_p=0.95, seed=0)
@@ -96,13 +96,13 @@ def compare(times: dict[str, list[float]]) -> dict:
 
 
 def per_request(text: Path, mmproj: Path, image: Path, reps: int, threads: int) -> dict:
-    from llama_cpp import Llama
     from llama_cpp.llama_chat_format import MTMDChatHandler
 
-    from ggraft.pair import Pair, user_messages
+    from ggraft.pair.engine import open_llama
+    from ggraft.pair.runtime import Pair, user_messages
 
-    bare = Llama(model_path=str(text), chat_handler=MTMDChatHandler(str(mmproj), verbose=False), n_ctx=4096,
-                 n_threads=threads, seed=0, verbose=False)
+    bare = open_llama(text, chat_handler=MTMDChatHandler(str(mmproj), verbose=False), n_ctx=4096,
+                      n_threads=threads, seed=0, verbose=False)
     pair = Pair(text, mmproj, n_ctx=4096, n_threads=threads, seed=0)
     sides = {"bare": (bare_request, bare), "ggraft": (ggraft_request, pair), "bare again": (bare_request, bare)}
     out = {}

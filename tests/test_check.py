@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import assert_one_line_error, run_cli
 
-from ggraft.check import check_pair, llama_cpp_knows, vocab_forms
+from ggraft.pair.check import check_pair, llama_cpp_knows, vocab_forms
 from ggraft.errors import IncompatibleError, InputError
 
 Q = gguf.GGMLQuantizationType
@@ -58,16 +58,22 @@ def write_text(path: Path, tokens: list[str] | None = None, *, width: int = 64, 
     return path
 
 
-WIDTH_TENSORS = {  # numpy shapes: llama.cpp reads the width from ggml dim (0 or 1) = numpy axis (-1 or -2)
-    "pixtral": ("mm.2.weight", lambda w: (w, 32)),
-    "mlp": ("mm.2.weight", lambda w: (w, 32)),
-    "gemma3": ("mm.input_projection.weight", lambda w: (32, w)),
-    "qwen2vl_merger": ("mm.2.bias", lambda w: (w,)),
-}
+#: a small vision tower: every mmproj written here carries all that llama.cpp requires of its projector
+#: type (ggraft.pair.requirements), so each test sees only the finding it is about
+VISION = dict(E=32, H=4, F=64, N=1, S=32, P=8, X=40, Y=24, Q=4)
+TYPE_KEYS = {"idefics3": {gguf.Keys.ClipVision.Projector.SCALE_FACTOR: 2},
+             "lfm2": {gguf.Keys.ClipVision.Projector.SCALE_FACTOR: 2},
+             "qwen2.5vl_merger": {gguf.Keys.ClipVision.N_WA_PATTERN: 1}}
 
 
 def write_mmproj(path: Path, projector: str = "pixtral", width: int = 64, *, vision: bool = True,
                  audio: bool = False, img_break: np.ndarray | None = None, projection_dim: int | None = None) -> Path:
+    """A complete mmproj of ``projector`` projecting to ``width`` (a Pixtral one carries the text
+    model's default [IMG_BREAK] row unless ``img_break`` is given)."""
+    from ggraft.pair.requirements import PROJECTORS
+    from ggraft.pair.requirements_fit import needed_tensors
+
+    v = VISION
     w = gguf.GGUFWriter(str(path), "clip")
     w.add_type(gguf.GGUFType.MMPROJ)
     w.add_clip_has_vision_encoder(vision)
@@ -75,10 +81,23 @@ def write_mmproj(path: Path, projector: str = "pixtral", width: int = 64, *, vis
         w.add_clip_has_audio_encoder(True)
     w.add_clip_projector_type(projector)
     w.add_vision_projection_dim(projection_dim or width)
-    w.add_vision_embedding_length(32)
-    w.add_tensor("v.patch_embd.weight", np.zeros((32, 3, 4, 4), np.float32))
-    name, shape = WIDTH_TENSORS.get(projector, ("mm.2.weight", lambda w: (w, 32)))
-    w.add_tensor(name, np.zeros(shape(width), np.float32))
+    w.add_vision_embedding_length(v["E"])
+    w.add_vision_head_count(v["H"])
+    w.add_vision_feed_forward_length(v["F"])
+    w.add_vision_block_count(v["N"])
+    w.add_vision_image_size(v["S"])
+    w.add_vision_patch_size(v["P"])
+    w.add_vision_attention_layernorm_eps(1e-6)
+    w.add_vision_image_mean([0.5, 0.5, 0.5])
+    w.add_vision_image_std([0.5, 0.5, 0.5])
+    for key, value in TYPE_KEYS.get(projector, {}).items():
+        w.add_uint32(key, value)
+    shapes = needed_tensors(projector, {**v, "T": width}) if projector in PROJECTORS else {"mm.2.weight": (32, width)}
+    if projector == "pixtral":
+        shapes.pop("v.token_embd.img_break")
+        img_break = img_break_row(width=width) if img_break is None else img_break
+    for name, shape in shapes.items():
+        w.add_tensor(name, np.zeros(tuple(reversed(shape)), np.float32))
     if img_break is not None:
         w.add_tensor("v.token_embd.img_break", img_break.astype(np.float32))
     w.write_header_to_file()
@@ -114,7 +133,7 @@ def test_llava_pair_is_compatible(llava_fixture, llava_mmproj):
 
 
 def test_known_runtime_defects_are_warned_about():
-    from ggraft.runtime_defects import defects_for
+    from ggraft.pair.runtime_defects import defects_for
 
     has_cls = lambda name: name == "v.class_embd"  # noqa: E731
     assert [d.reference for d in defects_for("mlp", has_cls, "0.3.36")] == ["ggml-org/llama.cpp#25814"]
@@ -124,7 +143,7 @@ def test_known_runtime_defects_are_warned_about():
 
 
 def test_llava_pair_warns_of_the_cls_defect(llava_fixture, llava_mmproj):
-    from ggraft.check import installed_llama_cpp_python
+    from ggraft.pair.check import installed_llama_cpp_python
 
     report = check_pair(llava_fixture / "text.gguf", llava_mmproj)
     defects = [f for f in report.findings if f.code == "runtime-defect"]
@@ -209,7 +228,7 @@ def test_width_mismatch_names_both_numbers(tmp_path):
     bad = next(f for f in report.findings if f.code == "width-mismatch")
     assert bad.severity == "error" and "80" in bad.message and "64" in bad.message
     with pytest.raises(IncompatibleError, match="80"):  # ggraft run/serve refuse through the same check
-        from ggraft.pair import preflight
+        from ggraft.pair.runtime import preflight
 
         preflight(text, tmp_path / "mmproj.gguf")
 
@@ -292,3 +311,55 @@ def test_split_text_model(tmp_path):
     first.rename(renamed)
     with pytest.raises(InputError, match="not named"):
         check_pair(renamed, mmproj)
+
+
+# -- chat templates that would never finish --------------------------------------------------
+COSTLY_TEMPLATES = {
+    "nested ranges": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+                     "{% for m in messages %}{{ m['content'] }}{% endfor %}",
+    "huge repeat": "{{ 'x' * 1000000000 }}",
+    "huge power": "{{ 10 ** 100000000 }}",
+}
+
+
+@pytest.mark.parametrize("name", COSTLY_TEMPLATES)
+def test_a_template_that_would_spin_is_refused_in_seconds(tmp_path, name):
+    import time
+
+    from ggraft.pair.runtime import preflight
+
+    text, mmproj = write_text(tmp_path / "t.gguf", template=COSTLY_TEMPLATES[name]), write_mmproj(tmp_path / "m.gguf")
+    started = time.perf_counter()
+    report = check_pair(text, mmproj)
+    assert time.perf_counter() - started < 10
+    bad = next(f for f in report.findings if f.code == "chat-template-too-costly")
+    assert bad.severity == "error" and "--raw" in bad.hint
+    with pytest.raises(IncompatibleError, match="chat template"):  # run and serve would spin on every request
+        preflight(text, mmproj)
+    assert preflight(text, mmproj, raw=True)  # ggraft run --raw does not use the template
+    result = run_cli("check", text, mmproj, timeout=60)
+    assert result.code == 1 and "chat-template-too-costly" in result.stdout
+
+
+def test_the_template_budget_counts_steps_not_loops():
+    from ggraft.pair.chat_template import TemplateTooCostly, render_with_image
+
+    loops = "{% for i in range(300) %}{% for j in range(300) %}{% endfor %}{% endfor %}ok"
+    assert render_with_image(loops, "", "") == "ok"  # 90000 iterations: fine
+    with pytest.raises(TemplateTooCostly, match="1000 steps"):
+        render_with_image(loops, "", "", steps=1000)
+
+
+def test_projector_type_stored_as_a_number(tmp_path):
+    """llama.cpp aborts on a projector type that is not a string; check says so in one finding."""
+    path = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(str(path), "clip")
+    w.add_clip_has_vision_encoder(True)
+    w.add_uint32(gguf.Keys.Clip.PROJECTOR_TYPE, 5)
+    w.add_tensor("mm.2.weight", np.zeros((64, 32), np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    report = check_pair(write_text(tmp_path / "t.gguf"), path)
+    bad = next(f for f in report.findings if f.code == "projector-missing")
+    assert bad.severity == "error" and "5, not a string" in bad.message
+    result = run_cli("check", tmp_path / "t.gguf", path)
+    assert result.code == 1 and "Traceback" not in result.stderr

@@ -128,7 +128,7 @@ def test_mismatched_pair_stops_at_the_check(text, narrow_mmproj):
 
 def test_llama_cpp_refusal_is_reported_in_one_line(text, narrow_mmproj):
     from ggraft.errors import EngineError
-    from ggraft.pair import Pair
+    from ggraft.pair.runtime import Pair
 
     with pytest.raises(EngineError) as caught:
         Pair(text, narrow_mmproj, check=False)  # straight to llama.cpp, which refuses the pair
@@ -157,7 +157,7 @@ def test_raw_prompt_places_the_images_at_the_markers(text, llava_mmproj):
 
 def test_python_api(text, llava_mmproj):
     from ggraft import Pair
-    from ggraft.pair import user_messages
+    from ggraft.pair.runtime import user_messages
 
     with Pair(text, llava_mmproj) as pair:
         whole = pair.describe(SAMPLE, "What is in the picture?", max_tokens=8, seed=3)

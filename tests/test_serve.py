@@ -138,7 +138,7 @@ def test_listening_on_a_busy_port_is_one_line(server, llava_fixture, llava_mmpro
 def test_local_files_are_refused_when_not_allowed():
     import json
 
-    from ggraft.serve import image_problem, is_loopback
+    from ggraft.jobs.serve import image_problem, is_loopback
 
     body = json.dumps({"messages": ask(str(SAMPLE))}).encode()
     assert image_problem(body, allow_files=True) is None
