@@ -1,10 +1,12 @@
 """Benchmark ``ggraft merge`` on three ~1 GB GGUF text models against ``cp`` of the same bytes.
 
-The inputs are built once under ``benchmarks/.work/merge`` (outside git): llama-architecture
-models with Qwen2.5-0.5B's shapes (hidden 896, 24 layers, FFN 4864, vocabulary 151936, tied
+The inputs are built once under ``benchmarks/.work/merge`` (outside git): models with
+Qwen2.5-0.5B's shapes (hidden 896, 24 layers, FFN 4864, q/k/v biases, vocabulary 151936, tied
 output) and a tokenizer of its size (151936 tokens, 151387 merges, which the merge copies),
-F16, random weights: a base and two "fine-tunes" (base + noise).  Then, with the page cache
-warm:
+F16, random weights: a base and two "fine-tunes" (base + noise).  As in VisCodex, they are
+siblings: the "VLM" is written under Qwen2.5-VL's text architecture ``qwen2vl`` (with M-RoPE
+sections), the base and the "code" model under ``qwen2``, and the config names the VLM as
+``metadata_source``.  Then, with the page cache warm:
 
 - ``cp`` of the three files (best of ``--repeat``, each run after ``sync``): the bandwidth to beat;
 - ``ggraft merge`` (task_arithmetic, weights 0.7 / 0.5, so all three inputs are read) to f16 and
@@ -27,13 +29,15 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from ggraft import gguf_file
+from ggraft.gguf_io import gguf_file
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "benchmarks" / ".work" / "merge"
 HIDDEN, FFN, LAYERS, HEADS, KV_HEADS, VOCAB = 896, 4864, 24, 14, 2, 151936
 HEAD_DIM = HIDDEN // HEADS
 N_MERGES = 151387
+ARCHS = {"base": "qwen2", "vlm": "qwen2vl", "code": "qwen2"}
+MROPE_SECTIONS = [16, 24, 24, 0]  # Qwen2.5-VL's (any sections summing to at most head_dim / 2)
 
 
 def shapes() -> dict[str, tuple[int, ...]]:
@@ -42,6 +46,8 @@ def shapes() -> dict[str, tuple[int, ...]]:
     for i in range(LAYERS):
         b = f"blk.{i}."
         out.update({b + "attn_norm.weight": (HIDDEN,), b + "ffn_norm.weight": (HIDDEN,),
+                    b + "attn_q.bias": (HIDDEN,), b + "attn_k.bias": (KV_HEADS * HEAD_DIM,),
+                    b + "attn_v.bias": (KV_HEADS * HEAD_DIM,),
                     b + "attn_q.weight": (HIDDEN, HIDDEN), b + "attn_k.weight": (KV_HEADS * HEAD_DIM, HIDDEN),
                     b + "attn_v.weight": (KV_HEADS * HEAD_DIM, HIDDEN), b + "attn_output.weight": (HIDDEN, HIDDEN),
                     b + "ffn_gate.weight": (FFN, HIDDEN), b + "ffn_up.weight": (FFN, HIDDEN),
@@ -49,9 +55,9 @@ def shapes() -> dict[str, tuple[int, ...]]:
     return out
 
 
-def model_writer(path: Path, tensors: dict[str, tuple[int, ...]]) -> gguf.GGUFWriter:
+def model_writer(path: Path, tensors: dict[str, tuple[int, ...]], arch: str) -> gguf.GGUFWriter:
     """A writer of the benchmark model's metadata and tokenizer, header written, tensors to come."""
-    w = gguf.GGUFWriter(path, "llama")
+    w = gguf.GGUFWriter(path, arch)
     w.add_name(path.stem.split(".")[0])
     w.add_context_length(4096)
     w.add_embedding_length(HIDDEN)
@@ -60,6 +66,8 @@ def model_writer(path: Path, tensors: dict[str, tuple[int, ...]]) -> gguf.GGUFWr
     w.add_head_count(HEADS)
     w.add_head_count_kv(KV_HEADS)
     w.add_layer_norm_rms_eps(1e-6)
+    if arch == "qwen2vl":
+        w.add_rope_dimension_sections(MROPE_SECTIONS)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
     w.add_tokenizer_model("gpt2")
     w.add_token_list([f"t{i}" for i in range(VOCAB)])
@@ -80,15 +88,16 @@ def build_inputs(folder: Path) -> tuple[list[Path], list[Path]]:
     whatever the size of the tensors."""
     paths = [folder / f"{n}.gguf" for n in ("base", "vlm", "code")]
     headers = [folder / f"header-{n}.gguf" for n in ("base", "vlm", "code")]
-    if all(p.is_file() and "tokenizer.ggml.merges" in gguf_file.scan_gguf(p).fields for p in paths + headers):
+    if all(p.is_file() and gguf_file.scan_gguf(p).value("general.architecture") == ARCHS[p.stem.split("-")[-1]]
+           for p in paths + headers):
         return paths, headers
     folder.mkdir(parents=True, exist_ok=True)
     for i, p in enumerate(headers):
-        w = model_writer(p, {"token_embd.weight": (4, HIDDEN)})
+        w = model_writer(p, {"token_embd.weight": (4, HIDDEN)}, ARCHS[p.stem.split("-")[-1]])
         w.write_tensor_data(np.full((4, HIDDEN), i, np.float16))
         w.close()
     rng = np.random.default_rng(0)
-    writers = [model_writer(p.with_suffix(".tmp"), shapes()) for p in paths]
+    writers = [model_writer(p.with_suffix(".tmp"), shapes(), ARCHS[p.stem]) for p in paths]
     for name, shape in shapes().items():
         dtype = np.float32 if len(shape) == 1 else np.float16
         base = rng.standard_normal(shape, np.float32) * 0.02
@@ -142,7 +151,8 @@ def main() -> None:
         configs[name] = WORK / f"{name}.yaml"
         configs[name].write_text(json.dumps({"merge_method": "task_arithmetic", "base_model": str(base),
                                              "models": [{"model": str(vlm), "parameters": {"weight": 0.7}},
-                                                        {"model": str(code), "parameters": {"weight": 0.5}}]}))
+                                                        {"model": str(code), "parameters": {"weight": 0.5}}],
+                                             "metadata_source": str(vlm)}))
     warm(inputs + headers)
     copies = WORK / "copies"
     results = {"input_bytes": size, "largest_tensor_f32_bytes": largest * 4, "runs": {}}
@@ -171,7 +181,8 @@ def main() -> None:
     stream = results["runs"]["merge f16"]["seconds"] - fixed
     results["tensor_stream_f16"] = {"seconds": stream, "GB/s": size / stream / 1e9, "vs_cp": best / stream}
     (WORK / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"inputs: 3 x {size / 3 / 1e9:.2f} GB F16 with a {VOCAB}-token tokenizer "
+    print(f"inputs: 3 x {size / 3 / 1e9:.2f} GB F16 with a {VOCAB}-token tokenizer, architectures "
+          f"{', '.join(ARCHS.values())} (metadata_source: the qwen2vl one) "
           f"(largest tensor {largest * 4 / 1e6:.0f} MB as f32); best of {args.repeat}\n")
     print("| run | seconds | input GB/s | vs cp | peak RSS |")
     print("|---|---|---|---|---|")

@@ -14,11 +14,12 @@ import pytest
 import yaml
 
 from conftest import assert_one_line_error, run_cli
-from ggraft import gguf_file, numeric
+from ggraft.gguf_io import gguf_file, numeric
 from ggraft.errors import InputError
-from ggraft.merge import merge, parse_config
-from ggraft.merge.methods import METHODS, ArrayRows, Contribution, Settings
-from ggraft.merge.plan import merged_rows, plan_tensors, tensor_merge
+from ggraft.jobs.merge import merge, parse_config
+from ggraft.jobs.merge.methods import METHODS, ArrayRows, Contribution
+from ggraft.jobs.merge.plan import plan_tensors
+from ggraft.jobs.merge.stream import merged_rows, tensor_merge
 
 ROOT = Path(__file__).resolve().parent.parent
 Q = gguf.GGMLQuantizationType
@@ -45,7 +46,9 @@ def write_config(folder: Path, method: str, models: list[tuple[Path, dict]], bas
 
 def run_method(name: str, base, models, chunk_elements=1 << 18, **settings) -> np.ndarray:
     method = METHODS[name]
-    s = Settings(normalize=settings.pop("normalize", method.default_normalize), **settings)
+    if "lam" in settings:
+        settings["lambda"] = settings.pop("lam")
+    s = method.settings(settings, settings.pop("seed", 0))
     contributions = [Contribution(ArrayRows(x), w, d) for x, w, d in models]
     chunks = method.merge("t", ArrayRows(base) if base is not None else None, contributions, s, chunk_elements)
     return np.concatenate(list(chunks)).reshape(np.shape(models[0][0]))
@@ -156,7 +159,8 @@ def test_embed_common_merges_shared_rows_and_keeps_the_reference_rest():
     plans = plan_tensors("ref", {"ref": {"emb": (5, 2)}, "small": {"emb": (4, 2)}}, ["emb"], embed_common=True)
     assert plans[0].shared_rows == 4
     merge = tensor_merge(METHODS["linear"], plans[0], ArrayRows(ref), None,
-                         [Contribution(ArrayRows(ref), 1.0), Contribution(ArrayRows(small), 1.0)], Settings(True))
+                         [Contribution(ArrayRows(ref), 1.0), Contribution(ArrayRows(small), 1.0)],
+                         METHODS["linear"].settings({"normalize": True}))
     rows = merged_rows(merge)
     got = np.concatenate([chunk.copy() for chunk in rows])  # a chunk's buffer is reused for the next
     np.testing.assert_allclose(got[:4], (ref[:4] + small) / 2)
@@ -203,7 +207,7 @@ def test_ggml_quantization_writes_gguf_py_bytes(qtype, accelerated, monkeypatch)
     out = np.empty(*numeric.encoded_layout(values.shape, qtype))
     assert numeric.quantize(values, qtype, out) is out and np.array_equal(out, expected)
     from gguf.lazy import LazyNumpyTensor
-    from ggraft.mmproj import convert_tensor
+    from ggraft.gguf_io.output import convert_tensor
     lazy = convert_tensor(LazyNumpyTensor.from_eager(values), qtype)
     assert lazy.shape == expected.shape and np.array_equal(LazyNumpyTensor.to_eager(lazy), expected)
 
@@ -216,15 +220,20 @@ def test_ggml_quantization_refuses_partial_blocks_before_ggml_would_abort():
 # -- config validation ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text, needle", [
-    ("models: [a]", "'merge_method' is missing; choose one of linear, task_arithmetic, ties, dare_linear, dare_ties"),
-    ("merge_method: slerp\nmodels: [a]", "merge_method 'slerp' is not supported"),
+    ("models: [a]", "'merge_method' is missing; choose one of linear, task_arithmetic, ties, dare_linear, dare_ties, "
+                    "slerp, passthrough"),
+    ("merge_method: frankenmerge\nmodels: [a]", "merge_method 'frankenmerge' is not supported"),
+    ("merge_method: [ties, slerp]\nmodels: [a]", "merge_method ['ties', 'slerp'] is not supported"),
     ("merge_method: linear\nmodels: [a]\nfoo: 1", "unknown key 'foo'"),
-    ("merge_method: linear\nslices: []", "'slices': layer slices are not supported"),
+    ("merge_method: linear\nslices: []", "'slices' must be a non-empty list"),
+    ("merge_method: linear\nslices: [{sources: [{model: a, layer_range: [0, 2]}]}]\nmodels: [a]",
+     "give exactly one of 'models', 'slices' or 'modules', not models and slices"),
     ("merge_method: ties\nmodels: [{model: a, parameters: {weight: 1}}]", "ties needs 'base_model'"),
     ("merge_method: task_arithmetic\nbase_model: b\nmodels: [a]", "model 'a' has no weight"),
     ("merge_method: ties\nbase_model: b\nmodels: [{model: a, parameters: {weight: 1, density: 1.5}}]",
      "models[0].parameters.density must be in (0, 1]"),
-    ("merge_method: linear\nmodels: [{model: a, parameters: {weight: [0, 1]}}]", "gradients"),
+    ("merge_method: linear\nmodels: [{model: a, parameters: {weight: [0, one]}}]", "weight[1] must be a number"),
+    ("merge_method: linear\nmodels: [{model: a, parameters: {weight: 1.0e+400}}]", "weight must be a number, not inf"),
     ("merge_method: linear\nmodels: [{model: a, parameters: {weight: one}}]", "weight must be a number"),
     ("merge_method: linear\nmodels: [{model: a, parameters: {weight: 1, gamma: 1}}]", "unknown parameter 'gamma'"),
     ("merge_method: linear\nmodels: [{model: a, parameters: {weight: 1}}]\ndtype: int8", "dtype 'int8' is not supported"),
@@ -264,17 +273,27 @@ dtype: bfloat16
 """
     cfg = parse_config(text)
     assert cfg.method.name == "dare_ties" and cfg.base.ref == "base" and [m.ref for m in cfg.models] == ["a", "b"]
-    assert cfg.outtype == "bf16" and not cfg.settings.normalize and cfg.settings.rescale
-    assert cfg.models[0].density == 0.53 and cfg.warnings == []
+    assert cfg.outtype == "bf16" and not cfg.top_settings()["normalize"] and cfg.top_settings()["rescale"]
+    assert cfg.models[0].parameters["density"] == 0.53 and cfg.warnings == []
     cfg = parse_config("merge_method: task_arithmetic\nbase_model: b\nmodels: [{model: a, parameters: "
                        "{weight: 1, density: 0.5}}]\nseed: 3")
     assert any("density has no effect" in w for w in cfg.warnings) and any("seed" in w for w in cfg.warnings)
 
 
-def test_viscodex_example_is_the_paper_recipe():
+def test_viscodex_examples_are_the_paper_recipe():
     cfg = parse_config((ROOT / "examples" / "viscodex.yaml").read_text(), "viscodex.yaml")
-    assert cfg.method.name == "task_arithmetic" and cfg.settings.lam == 1.0 and not cfg.settings.normalize
-    assert [m.weight for m in cfg.models] == [0.7, 0.3] and cfg.vision_source == cfg.models[0].ref
+    assert cfg.method.name == "task_arithmetic" and cfg.top_settings()["lambda"] == 1.0
+    assert not cfg.top_settings()["normalize"] and cfg.form == "modules"
+    text = cfg.modules["text_decoder"].slices[0]
+    assert [(s.ref, s.parameters["weight"]) for s in text.sources] == [("Qwen2.5-VL-7B-Instruct", 0.7),
+                                                                       ("OpenCodeReasoning-Nemotron-1.1-7B", 0.3)]
+    assert text.base.ref == "Qwen2.5-7B-Instruct" and cfg.metadata_source == "Qwen2.5-VL-7B-Instruct"
+    for module in ("vision_tower", "multi_modal_projector"):
+        assert cfg.modules[module].method.name == "passthrough"
+        assert [s.ref for s in cfg.modules[module].slices[0].sources] == ["Qwen2.5-VL-7B-Instruct"]
+    cfg = parse_config((ROOT / "examples" / "viscodex-gguf.yaml").read_text(), "viscodex-gguf.yaml")
+    assert [m.parameters["weight"] for m in cfg.models] == [0.7, 0.3]
+    assert cfg.metadata_source == "Qwen2.5-VL-7B-Instruct-F16.gguf"
 
 
 # -- GGUF in, GGUF out ------------------------------------------------------------------------
@@ -336,7 +355,7 @@ def test_gguf_q8_output_types_metadata_and_llama_cpp(fx, tmp_path, llava_mmproj)
     expected = b + 0.7 * (v - b) + 0.5 * (c - b)
     assert np.abs(got - expected).max() <= np.abs(expected).max() / 127 + 1e-6  # one q8_0 step
 
-    from ggraft import engine
+    from ggraft.pair import engine
 
     engine.free_text_model(engine.load_text_model(tmp_path / "out.gguf", vocab_only=False))
 
@@ -344,7 +363,7 @@ def test_gguf_q8_output_types_metadata_and_llama_cpp(fx, tmp_path, llava_mmproj)
 def test_gguf_metadata_is_copied_byte_for_byte(tmp_path):
     """Every key of the base but those the merge describes anew reaches the output unchanged,
     with its type, down to a token that is not valid UTF-8."""
-    from ggraft.merge.gguf_merge import NOT_COPIED
+    from ggraft.jobs.merge.gguf_merge import NOT_COPIED
 
     paths = []
     for i, name in enumerate(("base", "a", "b")):
@@ -371,11 +390,11 @@ def test_gguf_metadata_is_copied_byte_for_byte(tmp_path):
 
 def test_gguf_merge_runs_in_llama_cpp_like_transformers(fx, tmp_path):
     """The merged GGUF's logits in llama.cpp equal transformers' on the same merged weights."""
-    import llama_cpp
     import torch
     from transformers import LlamaForCausalLM
 
     from fixtures import common
+    from ggraft.pair import engine
 
     cfg = write_config(tmp_path, "task_arithmetic", [(fx / "code.gguf", {"weight": 0.6})], base=fx / "base.gguf",
                        parameters={"lambda": 1.5})
@@ -386,7 +405,7 @@ def test_gguf_merge_runs_in_llama_cpp_like_transformers(fx, tmp_path):
     tokens = [1, 17, 40, 99, 203, 7]
     with torch.no_grad():
         want = model(torch.tensor([tokens])).logits[0].numpy()
-    llm = llama_cpp.Llama(str(tmp_path / "out.gguf"), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
+    llm = engine.open_llama(tmp_path / "out.gguf", n_ctx=64, logits_all=True, verbose=False, n_threads=2)
     llm.eval(tokens)
     got = np.asarray(llm.scores[: len(tokens)])
     cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
@@ -429,7 +448,7 @@ def test_gguf_missing_tensor_and_vocab_mismatch_are_named(fx, tmp_path):
 
 
 def test_failure_mid_write_leaves_no_output(fx, tmp_path, monkeypatch):
-    from ggraft.merge import gguf_merge
+    from ggraft.jobs.merge import gguf_merge
 
     calls = []
     real = gguf_merge._tensor_merge
@@ -472,7 +491,7 @@ def lm_of(folder: Path) -> dict[str, np.ndarray]:
 
 def test_hf_vlm_plus_code_llm_converts_and_verifies(fx, llava_fixture, llava_mmproj, tmp_path):
     from fixtures import common
-    from ggraft.verify import verify
+    from ggraft.jobs.verify import verify
 
     vlm = llava_fixture / "hf"
     cfg = write_config(tmp_path, "task_arithmetic", [(vlm, {"weight": 0.7}), (fx / "code", {"weight": 0.3})],
@@ -509,7 +528,7 @@ def test_hf_vlm_plus_code_llm_converts_and_verifies(fx, llava_fixture, llava_mmp
 def test_hf_layouts_align_and_output_follows_the_vision_source(fx, llava_fixture, tmp_path):
     """vision source in the model.language_model.* layout, another VLM in language_model.model.*,
     a plain LLM as base; sharded output with an index."""
-    from ggraft.checkpoint import Checkpoint
+    from ggraft.hf.checkpoint import Checkpoint
 
     cfg = write_config(tmp_path, "dare_ties", [(llava_fixture / "hf", {"weight": 0.5, "density": 0.7}),
                                                (fx / "vlm-v5", {"weight": 0.5, "density": 0.7}),
@@ -555,7 +574,7 @@ def test_hf_embed_common_and_hf_specific_errors(fx, llava_fixture, tmp_path, lla
 
 @pytest.mark.parametrize("outtype, dtype, rtol", [("bf16", "bfloat16", 2 ** -8), ("f16", "float16", 2 ** -11)])
 def test_hf_half_precision_output(fx, llava_fixture, tmp_path, outtype, dtype, rtol):
-    from ggraft.checkpoint import Checkpoint
+    from ggraft.hf.checkpoint import Checkpoint
 
     cfg = write_config(tmp_path, "linear", [(llava_fixture / "hf", {"weight": 1}), (fx / "code", {"weight": 3})])
     merge(cfg, tmp_path / "m", outtype=outtype)
@@ -620,8 +639,10 @@ def narrow_mmproj(mmproj: Path, folder: Path) -> Path:
 
 def test_cli_exit_codes(fx, tmp_path, llava_mmproj):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("merge_method: slerp\nmodels: [a]\n")
-    assert_one_line_error(run_cli("merge", bad, "-o", tmp_path / "o.gguf"), "merge_method 'slerp' is not supported")
+    bad.write_text("merge_method: [slerp, ties]\nmodels: [a]\n")
+    assert_one_line_error(run_cli("merge", bad, "-o", tmp_path / "o.gguf"), "merge_method ['slerp', 'ties'] is not supported")
+    bad.write_text("merge_method: linear\nmodels: [{model: a, parameters: {weight: 1e400}}]\n")
+    assert_one_line_error(run_cli("merge", bad, "-o", tmp_path / "o.gguf"), "weight must be a number, not '1e400'")
     missing = write_config(tmp_path, "linear", [("nowhere/model.gguf", {"weight": 1})], name="missing.yaml")
     assert_one_line_error(run_cli("merge", missing, "-o", tmp_path / "o.gguf"), "model 'nowhere/model.gguf': no such")
     assert_one_line_error(run_cli("merge", tmp_path / "none.yaml", "-o", tmp_path / "o.gguf"), "no such config file")

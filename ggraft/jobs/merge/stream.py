@@ -1,11 +1,8 @@
-"""What both input kinds share: checking that the models line up tensor by tensor, and the
-stream of merged rows for one output tensor (including ``--embed-common``).
+"""The stream of merged rows for one output tensor, computed by worker threads and handed to a
+writer: what both input kinds (GGUF, Hugging Face) share once a merge is planned (``plan.py``).
 
-A *reference* model fixes the output's tensor names and shapes (GGUF: the base model; HF: the
-model the vision side comes from).  Every other model must have each of its tensors with the
-same shape; the only exception is the vocabulary dimension of the embedding and output
-tensors when ``embed_common`` is on: then the rows every model has are merged and the
-reference's remaining rows are kept as they are.
+With ``--embed-common`` a vocabulary tensor is merged over the rows every model has
+(``plan.shared_rows``) and the reference's remaining rows are kept as they are.
 """
 from __future__ import annotations
 
@@ -18,53 +15,10 @@ from typing import Callable, Iterator, Sequence
 import gguf
 import numpy as np
 
-from .. import numeric
-from ..errors import InputError
+from ggraft.gguf_io import numeric
 from .buffers import Buffer, BufferPool, Scratch
-from .methods import (CHUNK_ELEMENTS, ChunkFunction, Contribution, MergeMethod, Settings, TensorRows, chunk_rows,
-                      spans)
-
-
-@dataclass(frozen=True)
-class TensorPlan:
-    """One output tensor: its name, shape (the reference's) and, when --embed-common cut a
-    vocabulary, how many leading rows all models share (None: all rows are merged)."""
-
-    name: str
-    shape: tuple[int, ...]
-    shared_rows: int | None = None
-
-
-def plan_tensors(reference: str, tensors: dict[str, dict[str, tuple[int, ...]]],
-                 vocab_tensors: Sequence[str], embed_common: bool) -> list[TensorPlan]:
-    """``tensors``: model label -> {tensor name -> shape}, the reference's label among them.
-
-    Every mismatch is an InputError naming the tensor and the model."""
-    ref = tensors[reference]
-    plans = []
-    for label, shapes in tensors.items():
-        extra = next((n for n in shapes if n not in ref), None)
-        if extra is not None:
-            raise InputError(f"{label}: has tensor {extra!r}, which {reference} lacks",
-                             hint="the models must have the same architecture and tensor set")
-    for name, shape in ref.items():
-        shared = None
-        for label, shapes in tensors.items():
-            other = shapes.get(name)
-            if other is None:
-                raise InputError(f"{label}: has no tensor {name!r} (which {reference} has)",
-                                 hint="the models must have the same architecture and tensor set")
-            if other == shape:
-                continue
-            vocab = name in vocab_tensors and len(other) == len(shape) and other[1:] == shape[1:]
-            if vocab and embed_common:
-                shared = min(shape[0] if shared is None else shared, other[0])
-                continue
-            raise InputError(f"tensor {name!r} is {list(other)} in {label} but {list(shape)} in {reference}",
-                             hint="the vocabularies differ: pass --embed-common to merge the rows they share"
-                             if vocab else "the models must have the same architecture and sizes")
-        plans.append(TensorPlan(name, tuple(shape), shared))
-    return plans
+from .methods import ChunkFunction, Contribution, MergeMethod, Settings
+from .rows import CHUNK_ELEMENTS, TensorRows, chunk_rows, spans
 
 
 class Workers:
@@ -125,10 +79,11 @@ class TensorMerge:
             source.release(first, stop)
 
 
-def tensor_merge(method: MergeMethod, plan: TensorPlan, reference: TensorRows, base: TensorRows | None,
+def tensor_merge(method: MergeMethod, plan, reference: TensorRows, base: TensorRows | None,
                  models: Sequence[Contribution], settings: Settings,
                  chunk_elements: int = CHUNK_ELEMENTS) -> TensorMerge:
-    """The chunks of ``plan``'s tensor (for TIES, after its thresholds are found)."""
+    """The chunks of ``plan``'s tensor (its ``name`` and ``shared_rows``; for TIES and SLERP, after
+    the whole-tensor pass)."""
     shared = reference.n_rows if plan.shared_rows is None else plan.shared_rows
     if plan.shared_rows is not None:  # every model read over the shared rows only
         base = Head(base, shared) if base is not None else None

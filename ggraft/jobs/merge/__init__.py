@@ -1,8 +1,10 @@
-"""Task-vector merging of language backbones (HF safetensors and GGUF).
+"""Merging models as mergekit does, on Hugging Face safetensors and directly on GGUF.
 
-``merge(config, out)`` reads a mergekit-style config (``config.py``), checks that every input is
-of one kind - GGUF text models (``gguf_merge.py``) or Hugging Face folders (``hf_merge.py``) -
-and streams the merged model to ``out`` tensor by tensor with the methods of ``methods.py``.
+``merge(config, out)`` reads a mergekit config (``config.py``, ``forms.py``: models, slices or
+modules; parameters as ``parameters.py`` evaluates them), checks that every input is of one
+kind - GGUF text models (``gguf_merge.py``) or Hugging Face folders (``hf_merge.py``,
+``hf_layout.py``) - plans every output tensor (``plan.py``, ``naming.py``) and streams the
+merged model to ``out`` tensor by tensor (``stream.py``) with the methods of ``methods.py``.
 """
 from __future__ import annotations
 
@@ -11,9 +13,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
+from ggraft.errors import InputError
 from .config import MergeConfig, load_config, parse_config
-from .methods import CHUNK_ELEMENTS, METHODS
+from .methods import METHODS
+from .rows import CHUNK_ELEMENTS
 
 __all__ = ["MergeResult", "merge", "load_config", "parse_config", "METHODS"]
 
@@ -63,10 +66,11 @@ def merge(config: str | Path | MergeConfig, out: str | Path, outtype: str | None
         if kind != "gguf":
             raise InputError("--check-with checks a text GGUF with an mmproj; this merge writes an HF folder",
                              hint="convert the merged folder, then run 'ggraft check'")
-        from ..check import check_pair
+        from ggraft.pair.check import check_pair
+        from .gguf_merge import metadata_reference
 
-        # the output's keys are the base's: an unreadable or wrong mmproj fails here, before writing
-        check_pair(cfg.inputs[0].path, check_with)
+        # the output's keys are the metadata source's: an unreadable or wrong mmproj fails here, before writing
+        check_pair(cfg.path(metadata_reference(cfg)), check_with)
     started = time.perf_counter()
     if kind == "gguf":
         from .gguf_merge import merge_gguf
@@ -81,7 +85,7 @@ def merge(config: str | Path | MergeConfig, out: str | Path, outtype: str | None
     result = MergeResult(str(out), kind, cfg.method.name, [s.ref for s in cfg.inputs], tensors, written_as,
                          size, time.perf_counter() - started, list(cfg.warnings))
     if check_with is not None:
-        from ..check import check_pair
+        from ggraft.pair.check import check_pair
 
         result.check = check_pair(out, check_with)
     return result

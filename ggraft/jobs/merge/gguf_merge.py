@@ -1,9 +1,14 @@
 """Merging GGUF text models directly: each tensor is dequantized with gguf-py (any type it can
 dequantize), merged in float32 a chunk of rows at a time, and written as the output type.
 
-Metadata and tokenizer come from the base model (for ``linear`` without a base: the first
-model); ``general.file_type`` says what was written, ``general.base_model.*`` lists the merged
-models, and ``ggraft.merge_*`` records the method and configuration.
+Metadata and tokenizer come from the metadata source (``metadata_source``; by default the base
+model, for ``linear`` without a base the first model), architecture included, so a VLM's
+language model (``qwen2vl``, with its M-RoPE sections) merges with text-only siblings of the
+same tensors (``qwen2``) when the config says whose metadata the output takes.  Then tensors
+only the metadata source has are copied from it.  Slices that stack layers renumber the blocks
+and rewrite ``{arch}.block_count`` and every per-layer array of the metadata.
+``general.file_type`` says what was written, ``general.base_model.*`` lists the merged models,
+and ``ggraft.merge_*`` records the method and configuration.
 
 Output types follow the spirit of ``ggraft.mmproj.tensor_type``: 1-D tensors (norms, biases)
 stay float32, tensors the base stores in float32 among quantized ones stay float32 (llama.cpp's
@@ -12,7 +17,7 @@ converters keep them so on purpose), and q8_0 is used only where a row fits its 
 
 Nothing whole is held: chunks of rows (computed by worker threads) are encoded and written one
 at a time through gguf-py's writer into a temporary file renamed into place at the end
-(``ggraft.mmproj.atomic_path``), and the mapped pages of input rows already merged are handed
+(``ggraft.gguf_io.output.atomic_path``), and the mapped pages of input rows already merged are handed
 back, so memory stays at a few chunks per thread whatever the size of the models (TIES: plus
 one float32 tensor for its thresholds).
 """
@@ -28,14 +33,18 @@ from typing import Callable
 import gguf
 import numpy as np
 
-from .. import __version__, gguf_file, numeric
-from ..errors import InputError
-from ..mmproj import FILE_TYPES, OUTTYPES, PROVENANCE_PREFIX, atomic_path, check_output, parse_outtype, progress_bar
+from ggraft import __version__
+from ggraft.gguf_io import gguf_file, numeric
+from ggraft.errors import InputError
+from ggraft.gguf_io.output import FILE_TYPES, OUTTYPES, PROVENANCE_PREFIX, atomic_path, check_output, parse_outtype, progress_bar
 from .buffers import Scratch
 from .config import MergeConfig, ModelSpec
-from .methods import CHUNK_ELEMENTS, Contribution
-from .plan import (Encoder, TensorMerge, TensorPlan, Workers, encoder, merged_rows, plan_tensors, tensor_merge,
-                   write_merged)
+from .forms import TEXT
+from .methods import Contribution
+from .naming import GgufNaming
+from .plan import Layers, Planner, Tensor, TensorPlan
+from .rows import CHUNK_ELEMENTS
+from .stream import Encoder, TensorMerge, Workers, encoder, merged_rows, tensor_merge, write_merged
 
 Q = gguf.GGMLQuantizationType
 VOCAB_TENSORS = ("token_embd.weight", "output.weight")
@@ -142,11 +151,17 @@ def numpy_shape(tensor: gguf_file.TensorInfo) -> tuple[int, ...]:
     return tuple(reversed(tensor.shape))
 
 
-def open_inputs(config: MergeConfig) -> list[GgufInput]:
-    """Every input, base (reference) first, checked to be text GGUFs of one architecture whose
-    tensor types gguf-py can dequantize."""
-    inputs = []
-    for spec in config.inputs:
+def open_inputs(config: MergeConfig) -> dict[str, GgufInput]:
+    """Every input by reference, the metadata source first, checked to be whole text GGUFs of one
+    architecture (or of several when the config names the metadata source) whose tensor types
+    gguf-py can dequantize."""
+    if set(config.modules) != {TEXT}:
+        raise InputError("a GGUF text model has only a text decoder; 'modules' with a vision_tower or "
+                         "multi_modal_projector merges Hugging Face folders")
+    refs = [metadata_reference(config)] + [m.ref for m in config.inputs]
+    inputs = {}
+    for ref in dict.fromkeys(refs):
+        spec = config.spec(ref)
         index = gguf_file.scan_gguf(spec.path, "GGUF model")
         parts = index.value(gguf.Keys.Split.LLM_KV_SPLIT_COUNT, 1)
         if parts > 1:
@@ -154,27 +169,39 @@ def open_inputs(config: MergeConfig) -> list[GgufInput]:
                              hint="join the parts first: llama-gguf-split --merge FIRST-PART OUT.gguf")
         if index.order != "<":
             raise InputError(f"{spec.ref}: is a big-endian GGUF; merge little-endian models")
-        inputs.append(GgufInput(spec, index))
-    ref = inputs[0]
+        inputs[ref] = GgufInput(spec, index)
+    ref = next(iter(inputs.values()))
     arch = ref.index.value(gguf.Keys.General.ARCHITECTURE)
-    for model in inputs:
+    for model in inputs.values():
         kind = model.index.value(gguf.Keys.General.ARCHITECTURE)
         if kind == "clip":
             raise InputError(f"{model.label}: is an mmproj (vision encoder), not a text model",
                              hint="merge text models; give the mmproj to --check-with")
-        if kind != arch:
-            raise InputError(f"{model.label}: architecture {kind!r} differs from {ref.label}'s {arch!r}")
-        seen: set[Q] = set()
-        for t in model.index.tensors:
-            if t.tensor_type in NATIVE or t.tensor_type in seen:
-                continue
-            try:
-                gguf.quants.dequantize(model.index.raw(t, 0, 1), t.tensor_type)
-            except NotImplementedError:
-                raise InputError(f"{model.label}: tensor {t.name!r} is {t.tensor_type.name}, which gguf-py "
-                                 "cannot dequantize (only float and block-quantized tensors merge)") from None
-            seen.add(t.tensor_type)
+        if kind != arch and config.metadata_source is None:
+            raise InputError(f"{model.label}: architecture {kind!r} differs from {ref.label}'s {arch!r}; add "
+                             "'metadata_source: MODEL' to the config to say whose architecture and metadata the "
+                             "output takes", hint="e.g. a VLM's language model (qwen2vl) merges with its text-only "
+                             "siblings (qwen2) when every merged tensor has the same name and shape")
+        _check_dequantizable(model)
     return inputs
+
+
+def _check_dequantizable(model: GgufInput) -> None:
+    seen: set[Q] = set()
+    for t in model.index.tensors:
+        if t.tensor_type in NATIVE or t.tensor_type in seen:
+            continue
+        try:
+            gguf.quants.dequantize(model.index.raw(t, 0, 1), t.tensor_type)
+        except NotImplementedError:
+            raise InputError(f"{model.label}: tensor {t.name!r} is {t.tensor_type.name}, which gguf-py "
+                             "cannot dequantize (only float and block-quantized tensors merge)") from None
+        seen.add(t.tensor_type)
+
+
+def metadata_reference(config: MergeConfig) -> str:
+    """The model whose metadata the output takes."""
+    return config.metadata_source or config.inputs[0].ref
 
 
 def default_outtype(index: gguf_file.GGUFIndex) -> str:
@@ -191,11 +218,37 @@ def tensor_type(shape: tuple[int, ...], outtype: Q, stored: Q, keeps_f32: bool) 
     return outtype
 
 
-def copy_metadata(index: gguf_file.GGUFIndex, w: gguf.GGUFWriter) -> None:
-    """Every key of the base (tokenizer included) but those in NOT_COPIED, strings byte for byte."""
+def copy_metadata(index: gguf_file.GGUFIndex, w: gguf.GGUFWriter, replaced: dict | None = None) -> None:
+    """Every key of the metadata source (tokenizer included) but those in NOT_COPIED, strings byte
+    for byte; ``replaced``: new values for some keys (of the same types)."""
+    replaced = replaced or {}
     for name, field in index.fields.items():
         if not name.startswith(NOT_COPIED):
-            w.add_key_value(name, index.value(name, raw_strings=True), field.type, sub_type=field.item_type)
+            value = replaced[name] if name in replaced else index.value(name, raw_strings=True)
+            w.add_key_value(name, value, field.type, sub_type=field.item_type)
+
+
+def layer_keys(ref: GgufInput, inputs: dict[str, GgufInput], layers: Layers) -> dict:
+    """The keys a stack of layers changes: ``{arch}.block_count``, and each per-layer array (an
+    array under ``{arch}.`` with one value per block) rebuilt from the models the layers come from."""
+    arch = ref.index.value(gguf.Keys.General.ARCHITECTURE)
+    count_key = gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch)
+    count = ref.index.value(count_key)
+    out: dict = {count_key: len(layers.origin)}
+    for name, field in ref.index.fields.items():
+        if (not name.startswith(arch + ".") or field.type != gguf.GGUFValueType.ARRAY
+                or name == gguf.Keys.Rope.DIMENSION_SECTIONS.format(arch=arch)):  # M-RoPE's 4 sections
+            continue
+        if len(ref.index.value(name)) != count:
+            continue
+        values = []
+        for model, layer in layers.origin:
+            theirs = inputs[model].index.value(name)
+            if not isinstance(theirs, list) or layer >= len(theirs):
+                raise InputError(f"{model}: has no per-layer {name!r} for its layer {layer} (which {ref.label} has)")
+            values.append(theirs[layer])
+        out[name] = values
+    return out
 
 
 def write_provenance(w: gguf.GGUFWriter, config: MergeConfig, inputs: list[GgufInput]) -> None:
@@ -213,20 +266,19 @@ def merge_gguf(config: MergeConfig, out: Path, outtype: str | None = None, force
     """Write the merged text GGUF to ``out``; returns (tensor count, output type)."""
     check_output(out, force)
     inputs = open_inputs(config)
-    ref = inputs[0]
+    ref = next(iter(inputs.values()))
     outtype = outtype or config.outtype or default_outtype(ref.index)
     qtype = parse_outtype(outtype)
-    shapes = {m.label: {n: numpy_shape(t) for n, t in m.tensors.items()} for m in inputs}
-    plans = plan_tensors(ref.label, shapes, VOCAB_TENSORS, embed_common)
+    plans, layers = plan_gguf(config, inputs, embed_common)
     keeps_f32 = any(t.tensor_type != Q.F32 and len(t.shape) > 1 for t in ref.tensors.values())
-    types = {p.name: tensor_type(p.shape, qtype, ref.tensors[p.name].tensor_type, keeps_f32) for p in plans}
+    types = {p.name: tensor_type(p.shape, qtype, stored_type(inputs, p.reference), keeps_f32) for p in plans}
 
     w = gguf.GGUFWriter(path=None, arch=ref.index.value(gguf.Keys.General.ARCHITECTURE))
-    copy_metadata(ref.index, w)
+    copy_metadata(ref.index, w, layer_keys(ref, inputs, layers) if layers else None)
     w.add_file_type(FILE_TYPES[qtype])
     if Q.Q8_0 in types.values():
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    write_provenance(w, config, inputs)
+    write_provenance(w, config, [inputs[m.ref] for m in config.inputs])
     sizes = {}
     for p in plans:
         shape, dtype = numeric.encoded_layout(p.shape, types[p.name])
@@ -240,20 +292,39 @@ def merge_gguf(config: MergeConfig, out: Path, outtype: str | None = None, force
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         for p in plans:
-            merge = _tensor_merge(config, inputs, p, chunk_elements)
+            merge = _tensor_merge(inputs, p, chunk_elements)
             row_bytes = sizes[p.name] // max(1, math.prod(p.shape[:-1]))
             w.write_tensor_data(StreamedTensor(sizes[p.name], row_bytes, merge, encoder(types[p.name]), workers,
                                                lambda n: bar.advance(task, n)))
-            for model in inputs:
-                model.release(p.name)
+            for tensor in {p.reference, p.base, *(part.tensor for part in p.models)} - {None}:
+                inputs[tensor.model].release(tensor.name)
         w.close()
     return len(plans), outtype
 
 
-def _tensor_merge(config: MergeConfig, inputs: list[GgufInput], plan: TensorPlan,
-                  chunk_elements: int) -> TensorMerge:
-    by_ref = {m.spec.ref: m for m in inputs}
-    reference = inputs[0].rows(plan.name)
-    base = by_ref[config.base.ref].rows(plan.name) if config.method.needs_base else None
-    models = [Contribution(by_ref[m.ref].rows(plan.name), m.weight, m.density) for m in config.models]
-    return tensor_merge(config.method, plan, reference, base, models, config.settings, chunk_elements)
+def plan_gguf(config: MergeConfig, inputs: dict[str, GgufInput],
+              embed_common: bool) -> tuple[list[TensorPlan], Layers | None]:
+    """Every output tensor planned (and, for stacked slices, where each output layer comes from)."""
+    ref = next(iter(inputs.values()))
+    arch = ref.index.value(gguf.Keys.General.ARCHITECTURE)
+    tables = {label: {n: numpy_shape(t) for n, t in m.tensors.items()} for label, m in inputs.items()}
+    n_layers = ref.index.value(gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch), 0)
+    module = config.modules[TEXT]
+    planner = Planner(config, module, tables, ref.label, GgufNaming(arch, n_layers if isinstance(n_layers, int) else 0),
+                      VOCAB_TENSORS, embed_common)
+    if module.whole_models:
+        return planner.whole(copy_only_in_reference=config.metadata_source is not None), None
+    return planner.sliced()
+
+
+def stored_type(inputs: dict[str, GgufInput], tensor: Tensor) -> Q:
+    return inputs[tensor.model].tensors[tensor.name].tensor_type
+
+
+def _tensor_merge(inputs: dict[str, GgufInput], plan: TensorPlan, chunk_elements: int) -> TensorMerge:
+    def rows(tensor: Tensor) -> GgufRows:
+        return inputs[tensor.model].rows(tensor.name)
+
+    models = [Contribution(rows(p.tensor), p.weight, p.density) for p in plan.models]
+    return tensor_merge(plan.method, plan, rows(plan.reference), rows(plan.base) if plan.base else None, models,
+                        plan.settings, chunk_elements)

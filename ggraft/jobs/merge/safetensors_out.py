@@ -16,7 +16,7 @@ from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
 
-from ..errors import InputError
+from ggraft.errors import InputError
 
 ITEM_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 DEFAULT_SHARD_BYTES = 5 * 1024**3
