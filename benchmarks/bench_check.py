@@ -53,7 +53,7 @@ def finish_sparse(w: gguf.GGUFWriter, path: Path) -> None:
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     w.close()
-    from ggraft.gguf_file import scan_gguf  # noqa: E402  (the layout gguf-py would have written)
+    from ggraft.gguf_io.gguf_file import scan_gguf  # noqa: E402  (the layout gguf-py would have written)
 
     size = path.stat().st_size
     data_start = size + (-size) % w.data_alignment
@@ -91,7 +91,7 @@ def build_text(path: Path, blocks: int) -> np.ndarray:
     tensor_info(w, "output_norm.weight", (WIDTH,), Q.F32)
     tensor_info(w, "output.weight", (VOCAB, WIDTH), Q.Q8_0)
     finish_sparse(w, path)
-    from ggraft.gguf_file import scan_gguf
+    from ggraft.gguf_io.gguf_file import scan_gguf
 
     row = np.random.default_rng(0).standard_normal(WIDTH).astype(np.float16)
     index = scan_gguf(path)
@@ -130,7 +130,7 @@ def build_mmproj(path: Path, img_break: np.ndarray) -> None:
     tensor_info(w, "mm.2.weight", (WIDTH, WIDTH), Q.F16)
     tensor_info(w, "v.token_embd.img_break", (WIDTH,), Q.F32)
     finish_sparse(w, path)
-    from ggraft.gguf_file import scan_gguf
+    from ggraft.gguf_io.gguf_file import scan_gguf
 
     index = scan_gguf(path)
     t = index.tensor("v.token_embd.img_break")
@@ -162,7 +162,7 @@ def main() -> None:
     imports, first, ok = cold.stdout.split()
     print(f"first check in a fresh process: {float(first):.3f} s (imports {float(imports):.3f} s), ok={ok}")
 
-    from ggraft.check import check_pair
+    from ggraft.pair.check import check_pair
 
     times = []
     for _ in range(args.repeat):
