@@ -402,6 +402,7 @@ MERGE_CONFIGS = {
                      "  - model: {text}\n    parameters: {{weight: 1}}\n", "weight"),
     "not-a-mapping": ("- 1\n- 2\n", "mapping"),
     "nul-byte": ("\x00", "not valid YAML"),
+    "nested-100000-deep": ("a: " + "[" * 100000 + "]" * 100000 + "\n", "nested too deeply"),
 }
 
 

@@ -180,7 +180,9 @@ def _load_yaml(r: FormReader, text: str) -> dict:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" (line {mark.line + 1})" if mark is not None else ""
-        raise r.fail(f"not valid YAML: {getattr(e, 'problem', None) or e}{at}") from None
+        raise r.fail(f"not valid YAML: {' '.join(str(getattr(e, 'problem', None) or e).split())}{at}") from None
+    except RecursionError:  # a document nested deeper than any merge config is
+        raise r.fail("not valid YAML: nested too deeply") from None
     if not isinstance(data, dict):
         raise r.fail("must be a YAML mapping with merge_method, models, ...")
     for key in data:
