@@ -427,3 +427,19 @@ def test_corpus_size(tmp_path):
              "images": len(_images(tmp_path)) + 2, "image sizes": len(IMAGE_SIZES), "merge configs": len(MERGE_CONFIGS) + 1}
     assert all(kinds.values()) and sum(kinds.values()) >= 200, kinds
 
+
+
+def test_run_with_a_template_that_fails_on_image_parts(llava_pair, tmp_path):
+    """A chat template that breaks on list content (as SmolLM2-135M-Instruct's does) is one line
+    pointing to --raw, not the bug line; --raw still runs."""
+    from PIL import Image
+
+    V = gguf.GGUFValueType
+    template = "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] }}{% endfor %}"
+    text = rewritten(llava_pair[0], tmp_path / "text.gguf", {"tokenizer.chat_template": (template, V.STRING)})
+    Image.new("RGB", (56, 56), "red").save(tmp_path / "img.png")
+    args = ("run", text, llava_pair[1], "--image", tmp_path / "img.png", "-p", "hi", "--max-tokens", "2")
+    result = run_cli(*args, timeout=120)
+    assert result.code == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "chat template fails" in result.stderr and "--raw" in result.stderr and "bug" not in result.stderr
+    assert run_cli(*args, "--raw", timeout=120).code == 0

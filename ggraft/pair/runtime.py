@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import unquote, urlparse
 
+import jinja2
+
 from ggraft.pair import engine
 from ggraft.errors import EngineError, IncompatibleError, InputError, input_file
 
@@ -375,6 +377,9 @@ class Pair:
                 raise InputError(f"the prompt does not fit the context: {_first_line(e)}",
                                  "give a larger context (--ctx) or a shorter prompt") from None
             raise _engine_error("llama.cpp failed", e) from None
+        except (TypeError, jinja2.TemplateError) as e:  # raised inside the GGUF's Jinja chat template (e.g. it concatenates list content)
+            raise InputError(f"{self.text}: its chat template fails on these messages ({_first_line(e)})",
+                             "send the prompt as is with --raw, or use a template that renders image parts") from None
         prompt_done = timer.prompt_done or time.perf_counter()
         timings = Timings(image_encode_ms=timer.encode_ms, images=timer.images,
                           prompt_ms=(prompt_done - started) * 1000 - timer.encode_ms,
