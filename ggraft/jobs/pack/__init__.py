@@ -17,9 +17,10 @@ import gguf
 
 from ggraft.errors import IncompatibleError, InputError
 from ggraft.gguf_io import gguf_file
+from ggraft.gguf_io.output import atomic_folder, check_output
 from ggraft.pair.check import CheckReport, check_pair
 
-from .files import LINK_MODES, package_folder, place, sha256, staged_folder
+from .files import LINK_MODES, place, sha256
 from .names import default_name, type_label, validate_name
 from .projector import describe_fix, projector_fixes, provenance, rewrite_with_keys
 from .targets import Target, target_named
@@ -77,11 +78,13 @@ def pack(text: str | Path, mmproj: str | Path, layout: str, out_dir: str | Path,
     name = name or default_name(t_index, text)
     parts = kind.folder_parts(name, publisher)
     publisher = parts[0] if kind.takes_publisher else None
+    target = Path(out_dir).joinpath(*parts)
+    check_output(target, force, folder=True, make_parent=True)
     fixes = projector_fixes(m_index)
     report = None if fixes else _checked(t_index, m_index)  # nothing to rewrite: check before writing
     text_file = f"{name}-{type_label(t_index)}.gguf"
     mmproj_file = f"mmproj-{name}-{type_label(m_index)}.gguf"
-    with package_folder(Path(out_dir), parts, force) as target, staged_folder(target, force) as stage:
+    with atomic_folder(target, force) as stage:
         text_method = place(text, stage / text_file, link)
         if fixes:
             rewrite_with_keys(gguf_file.open_gguf(mmproj, "mmproj GGUF"), stage / mmproj_file, fixes)
