@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import output
-from .options import Force, Json, Output
+from .options import Json, Output
 
 #: check findings that tell a user what the bridged pair still needs (the rest: ggraft check)
 TOLD = ("boundary-", "chat-template", "text-architecture", "img-break", "width")

@@ -10,8 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import gguf
-import numpy as np
-from gguf.lazy import LazyNumpyTensor
 
 from ggraft import __version__
 from ggraft.gguf_io.output import FILE_TYPES, PROVENANCE_PREFIX, Q, check_output, parse_outtype, write_gguf

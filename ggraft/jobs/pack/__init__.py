@@ -23,7 +23,7 @@ from ggraft.pair.check import CheckReport, check_pair
 from .files import LINK_MODES, place, sha256
 from .names import default_name, type_label, validate_name
 from .projector import describe_fix, projector_fixes, provenance, rewrite_with_keys
-from .targets import Target, target_named
+from .targets import target_named
 
 
 @dataclass
