@@ -88,9 +88,9 @@ class _Gemma4Base(Converter):
         side = self.vision_config.get("patch_size", 16) * self.kernel()  # llama.cpp aligns sides to this
         return 8 * side, 9 * side  # 72 soft tokens: llama.cpp takes 70..1120 without resizing
 
-    def reference_features(self, model, pixel_values):
+    def model_inputs(self, pixel_values):
         flat, positions = patches(pixel_values, self.model_patch())
-        return model.get_image_features(pixel_values=flat, image_position_ids=positions)
+        return {"pixel_values": flat, "image_position_ids": positions}
 
 
 @register

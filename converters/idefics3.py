@@ -91,6 +91,6 @@ class Idefics3(Converter):
         side = self.longest_edge()
         return side, side
 
-    def reference_features(self, model, pixel_values):
+    def model_inputs(self, pixel_values):
         tile = pixel_values[..., : self.tile_size, : self.tile_size]  # llama.cpp's first chunk
-        return model.get_image_features(pixel_values=tile[:, None])  # (batch, images, 3, H, W)
+        return {"pixel_values": tile[:, None]}  # (batch, images, 3, H, W)

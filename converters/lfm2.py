@@ -92,7 +92,7 @@ class Lfm2Vl(Converter):
             tensor = tensor.reshape(tensor.shape[0], p, p, -1).transpose(0, 3, 1, 2)
         yield gguf_name, tensor
 
-    def reference_features(self, model, pixel_values):
+    def model_inputs(self, pixel_values):
         """The processor's NaFlex input for one unpadded image: (row, column, channel) patches,
         the patch grid, and a mask of ones."""
         import torch
@@ -101,5 +101,5 @@ class Lfm2Vl(Converter):
         _, c, h, w = pixel_values.shape
         patches = pixel_values.reshape(1, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
         patches = patches.reshape(1, (h // p) * (w // p), p * p * c)
-        return model.get_image_features(pixel_values=patches, spatial_shapes=torch.tensor([[h // p, w // p]]),
-                                        pixel_attention_mask=torch.ones(1, patches.shape[1], dtype=torch.int32))
+        return {"pixel_values": patches, "spatial_shapes": torch.tensor([[h // p, w // p]]),
+                "pixel_attention_mask": torch.ones(1, patches.shape[1], dtype=torch.int32)}

@@ -142,12 +142,14 @@ class Pixtral(Converter):
         side = self.params().patch_size * self.merge  # llama.cpp aligns to this; 3x4 grid: no resize
         return 3 * side, 4 * side
 
-    def reference_features(self, model, pixel_values):
+    def model_inputs(self, pixel_values):
         import torch
 
-        sizes = torch.tensor([list(pixel_values.shape[-2:])])
+        return {"pixel_values": pixel_values, "image_sizes": torch.tensor([list(pixel_values.shape[-2:])])}
+
+    def reference_features(self, model, pixel_values):
         kw = {} if self.merges else {"vision_feature_select_strategy": "full"}
-        return model.get_image_features(pixel_values=pixel_values, image_sizes=sizes,
+        return model.get_image_features(**self.model_inputs(pixel_values),
                                         vision_feature_layer=self.config.get("vision_feature_layer", -1), **kw)
 
     def llama_rows(self, rows):

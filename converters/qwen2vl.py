@@ -111,9 +111,9 @@ class Qwen2VL(Converter):
         x = x.unsqueeze(5).expand(-1, -1, -1, -1, -1, 2, -1, -1).reshape(gh * gw, 3 * 2 * p * p)
         return x.contiguous(), torch.tensor([[1, gh, gw]])
 
-    def reference_features(self, model, pixel_values):
+    def model_inputs(self, pixel_values):
         flat, grid_thw = self.patches(pixel_values)
-        return model.get_image_features(pixel_values=flat, image_grid_thw=grid_thw)
+        return {"pixel_values": flat, "image_grid_thw": grid_thw}
 
 
 @register

@@ -118,8 +118,7 @@ class Qwen3VL(Qwen2VL):
         llama.cpp lays the features out in one embedding per image token."""
         import torch
 
-        flat, grid_thw = self.patches(pixel_values)
-        out = model.get_image_features(pixel_values=flat, image_grid_thw=grid_thw)
+        out = model.get_image_features(**self.model_inputs(pixel_values))
         deepstack = [torch.cat(f, 0) for f in (getattr(out, "deepstack_features", None) or [])]
         return torch.cat([torch.cat(out.pooler_output, 0), *deepstack], dim=-1)
 

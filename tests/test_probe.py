@@ -1,9 +1,11 @@
-"""ggraft probe on the tiny LLaVA fixture: the attention-share invariants and the CLI contract."""
+"""ggraft probe: the attention-share invariants on every family's tiny fixture, and the CLI contract."""
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -27,9 +29,9 @@ def model(hf_dir):
     return probe_job.load_model(Checkpoint(hf_dir))
 
 
-def positions(hf_dir):
+def positions(hf_dir, model):
     """(is_image mask, first text position) of the inputs probe builds, found independently."""
-    ids = probe_job.build_inputs(Checkpoint(hf_dir), IMAGE, probe_job.DEFAULT_PROMPT)["input_ids"][0]
+    ids = probe_job.build_inputs(Checkpoint(hf_dir), IMAGE, probe_job.DEFAULT_PROMPT, model)["input_ids"][0]
     is_image = ids == json.loads((hf_dir / "config.json").read_text())["image_token_index"]
     return is_image, int(is_image.nonzero().max()) + 1
 
@@ -49,7 +51,7 @@ def test_uniform_attention_gives_the_image_share_of_the_context(hf_dir, model):
             layer.self_attn.q_proj.weight.zero_()
             if layer.self_attn.q_proj.bias is not None:
                 layer.self_attn.q_proj.bias.zero_()
-    is_image, first_text = positions(hf_dir)
+    is_image, first_text = positions(hf_dir, model)
     n_image, n = int(is_image.sum()), len(is_image)
     expected = sum(n_image / (q + 1) for q in range(first_text, n)) / (n - first_text)
     report = probe_job.probe(hf_dir, IMAGE, model=model)
@@ -62,7 +64,7 @@ def test_uniform_attention_gives_the_image_share_of_the_context(hf_dir, model):
 def test_text_attending_only_to_image_gives_one(hf_dir, model, monkeypatch):
     from transformers.models.llama import modeling_llama
 
-    is_image, first_text = positions(hf_dir)
+    is_image, first_text = positions(hf_dir, model)
     original = modeling_llama.eager_attention_forward
 
     def image_only(module, query, key, value, attention_mask, scaling, **kwargs):
@@ -111,11 +113,122 @@ def test_cli_no_image_token(hf_dir, tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is not None, reason="matplotlib is installed")
 def test_cli_plot_without_matplotlib(hf_dir, tmp_path):
-    r = run_cli("probe", hf_dir, "--image", IMAGE, "--plot", tmp_path / "curve.png")
-    assert r.code == 2 and "pip install matplotlib" in r.stderr
+    """Without matplotlib (the ``plot`` extra), --plot is refused before the model runs."""
+    code = ("import sys; sys.modules['matplotlib'] = None; sys.argv = ['ggraft'] + sys.argv[1:]; "
+            "from ggraft.cli.main import main; main()")
+    r = subprocess.run([sys.executable, "-c", code, "probe", str(hf_dir), "--image", str(IMAGE), "--plot",
+                        str(tmp_path / "curve.png")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "pip install" in r.stderr and "matplotlib" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "curve.png").exists()
+
+
+def test_cli_plot_and_compare(hf_dir, tmp_path):
+    """--plot draws both checkpoints of --compare into one PNG; --json lists both reports."""
+    pytest.importorskip("matplotlib")
+    other = family_copy(tmp_path, "other", hf_dir, None, "<image>")
+    png = tmp_path / "curve.png"
+    r = run_cli("probe", hf_dir, "--image", IMAGE, "--compare", other, "--plot", png, "--json")
+    assert r.code == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert [d["checkpoint"] for d in data] == [str(hf_dir), str(other)]
+    assert data[0]["context"] != data[1]["context"]  # the second renders its own chat template
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+# -- every family ggraft converts whose transformers class returns attention weights ------------
+
+CHATML = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for p in m['content'] %}"
+          "{% if p['type'] == 'image' %}IMAGE{% else %}{{ p['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+#: fixture, the tokens its vocabulary adds when its folder has no tokenizer, what its hub chat template
+#: writes for an image, and the image features of the family's test image
+FAMILIES = {
+    "llava": ("llava", "build", None, "<image>", 16),
+    "gemma3": ("gemma3", "build", None, "<start_of_image>", 16),
+    "idefics3": ("idefics3", "build", None, "<image>", 16),
+    "internvl": ("internvl", "build", None, "<IMG_CONTEXT>", 16),
+    "lfm2vl": ("lfm2vl", "build", "TOKENS", "<image>", 64),
+    "mistral3": ("mistral3", "build", None, "[IMG]", 12),
+    "qwen2vl": ("qwen2vl", "build_qwen2", "TOKENS", QWEN_IMAGE, 12),
+    "qwen2.5vl": ("qwen2vl", "build_qwen25", "TOKENS", QWEN_IMAGE, 48),
+    "qwen3vl": ("qwen3vl", "build_qwen3vl", "TOKENS", QWEN_IMAGE, 12),
+    "qwen3.5": ("qwen3vl", "build_qwen35", "TOKENS", QWEN_IMAGE, 12),
+    "gemma4": ("gemma4", "build", None, "<|image|>", 72),
+}
+
+
+def family_copy(tmp_path, name, hf, tokens, image):
+    """``hf`` as the hub ships it: its tokenizer, and a chat template writing ``image`` for an image."""
+    from fixtures.tokenizer import train
+
+    dest = tmp_path / name
+    shutil.copytree(hf, dest)
+    if tokens is not None:
+        train(special=tokens).save_hf(dest)  # the fixture's own vocabulary (deterministic training)
+    (dest / "chat_template.jinja").write_text(CHATML.replace("IMAGE", image))
+    return dest
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, tmp_path_factory):
+    module, builder, tokens, image, n_features = FAMILIES[request.param]
+    fixture = importlib.import_module(f"fixtures.{module}")
+    hf = getattr(fixture, builder)() / "hf"
+    folder = family_copy(tmp_path_factory.mktemp("probe"), request.param, hf,
+                         getattr(fixture, tokens) if tokens else None, image)
+    return folder, n_features
+
+
+def test_family_shares_are_fractions_with_one_row_per_layer(family):
+    folder, n_features = family
+    model = probe_job.load_model(Checkpoint(folder))
+    report = probe_job.probe(folder, IMAGE, model=model)
+    ids = probe_job.build_inputs(Checkpoint(folder), IMAGE, probe_job.DEFAULT_PROMPT, model)["input_ids"][0]
+    assert report.image_tokens == n_features == int((ids == probe_job.image_token_id(Checkpoint(folder).config)).sum())
+    text = model.config.get_text_config()
+    assert len(report.text_to_image) == len(report.image_change) == text.num_hidden_layers
+    kinds = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
+    for kind, share in zip(kinds, report.text_to_image):
+        assert (share is None) == ("conv" in kind or "linear" in kind), (kind, share)
+        assert share is None or 0.0 <= share <= 1.0
+
+
+def test_family_uniform_attention_gives_the_image_share(family):
+    """Every query projection zeroed (the vision tower's too, which changes only what the image
+    tokens hold): each score is 0 (q-norms of 0 are 0), the softmax is uniform."""
+    folder, _ = family
+    model = probe_job.load_model(Checkpoint(folder))
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.endswith("q_proj"):
+                for tensor in module.parameters():  # Gemma 4's vision q_proj wraps its Linear
+                    tensor.zero_()
+    report = probe_job.probe(folder, IMAGE, model=model)
+    for share, normalized in zip(report.text_to_image, report.normalized):
+        if share is not None:
+            assert share == pytest.approx(report.uniform_share, abs=1e-6)
+            assert normalized == pytest.approx(1.0, abs=1e-5)
+
+
+def test_llama4_is_probed_or_named(tmp_path):
+    """transformers 5.24's Llama4ForConditionalGeneration.forward reads ``image_outputs`` from its
+    text model's output, which has none (modeling_llama4.py:1318): probe says so in one line."""
+    from fixtures import llama4
+
+    folder = family_copy(tmp_path, "llama4", llama4.build() / "hf", None, "<|image|>")
+    r = run_cli("probe", folder, "--image", IMAGE, "--json")
+    if r.code == 0:  # a fixed transformers
+        assert json.loads(r.stdout)["image_tokens"] == 16
+    else:
+        assert r.code == 2 and "forward failed" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_template_without_image_slot_is_refused(hf_dir, tmp_path):
+    folder = family_copy(tmp_path, "no-slot", hf_dir, None, "")
+    r = run_cli("probe", folder, "--image", IMAGE)
+    assert r.code == 2 and "puts no image token" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_bad_fraction(hf_dir):

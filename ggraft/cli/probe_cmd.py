@@ -29,7 +29,15 @@ def probe(
     much image and text hidden states still change (1 - cosine to the previous layer). The saturation
     layer is the first from which the share stays below --fraction of the first layer's. The default 0.25
     marks the end of the early fall DPVR measured on LLaVA-1.5 (0.68 at layer 1, 0.07 by layer 4), above
-    the noise of the flat tail. Families: LLaVA (LlavaForConditionalGeneration). Needs the verify extra (torch, transformers)."""
+    the noise of the flat tail.
+
+    The image is fed at the family's own size (as verify feeds it) and the prompt goes through the
+    checkpoint's chat template, the image token repeated once per image feature. Families: every one
+    ggraft converts whose transformers class returns attention weights: LLaVA, Mistral 3 / Pixtral,
+    Gemma 3, Gemma 4, Idefics3 / SmolVLM (first tile), InternVL, LFM2-VL (its attention layers; its
+    convolutions show as —), Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 (full-attention layers). Not:
+    Llama 4 (transformers 5.24's forward fails, modeling_llama4.py:1318), Gemma 3n (needs timm).
+    Needs the verify extra (torch, transformers); --plot the plot extra (matplotlib)."""
     from ggraft.jobs import probe as probe_job
 
     if plot is not None:
@@ -48,9 +56,11 @@ def probe(
         output.note(f"wrote {plot}")
 
 
-def sparkline(values: list[float]) -> str:
-    top = max(values, default=0.0) or 1.0
-    return "".join(SPARK[min(len(SPARK) - 1, int(v / top * (len(SPARK) - 1) + 0.5))] for v in values)
+def sparkline(values: list[float | None]) -> str:
+    """One bar per value, scaled to the largest; a space for a layer without attention (None)."""
+    top = max((v for v in values if v is not None), default=0.0) or 1.0
+    return "".join(" " if v is None else SPARK[min(len(SPARK) - 1, int(v / top * (len(SPARK) - 1) + 0.5))]
+                   for v in values)
 
 
 def render(report) -> None:
@@ -63,7 +73,7 @@ def render(report) -> None:
         table.add_column(name, justify="right")
     for i, row in enumerate(zip(report.text_to_image, report.normalized, report.image_change, report.text_change)):
         mark = " *" if i == report.saturation_layer else ""
-        table.add_row(f"{i}{mark}", *(f"{v:.4f}" for v in row))
+        table.add_row(f"{i}{mark}", *("—" if v is None else f"{v:.4f}" for v in row))
     output.stdout.print(table)
     output.stdout.print(f"text→image {sparkline(report.text_to_image)}  (uniform share {report.uniform_share:.4f})")
     where = "never" if report.saturation_layer is None else f"layer {report.saturation_layer} (*)"

@@ -8,21 +8,21 @@ transformers and torch are needed here only (``ggraft[verify]``).
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ggraft.errors import InputError
-from ggraft.hf.checkpoint import Checkpoint
+from ggraft.hf.checkpoint import Checkpoint, read_json
 
-#: families whose inputs probe builds itself when the checkpoint has no usable processor
-FAMILIES = ("LlavaForConditionalGeneration",)
 #: default --fraction: DPVR's LLaVA-1.5 share falls from 0.68 to 0.07 by layer 4 (about 0.1 of the
 #: first layer) and to 0.04 after; a quarter marks the end of that fall, not noise in the tail
 DEFAULT_FRACTION = 0.25
 DEFAULT_PROMPT = "Describe the image."
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+#: the prompt when the checkpoint carries no chat template; IMAGE_SLOT is where the image goes
+IMAGE_SLOT = "\x00image\x00"
+FALLBACK_TEMPLATE = "USER: " + IMAGE_SLOT + "\n{prompt}\nASSISTANT:"
 
 
 @dataclass
@@ -70,56 +70,151 @@ def image_token_id(config: dict[str, Any]) -> int:
                      "its inputs would hold no image to measure attention on")
 
 
-def _text_ids(folder: Path, text: str) -> list[int]:
-    """``text`` tokenized by the checkpoint's sentencepiece model, else by transformers' tokenizer."""
-    spm = folder / "tokenizer.model"
-    if spm.is_file():
-        import sentencepiece
+def chat_template(ckpt: Checkpoint) -> str | None:
+    """The checkpoint's chat template: chat_template.jinja, chat_template.json or tokenizer_config.json."""
+    jinja = ckpt.path / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        found = read_json(ckpt.path / name, name).get("chat_template") if (ckpt.path / name).is_file() else None
+        if isinstance(found, list):  # named templates: the default one
+            found = next((t.get("template") for t in found if isinstance(t, dict) and t.get("name") == "default"), None)
+        if isinstance(found, str):
+            return found
+    return None
 
-        return list(sentencepiece.SentencePieceProcessor(model_file=str(spm)).encode(text))
+
+def render_prompt(ckpt: Checkpoint, prompt: str) -> str:
+    """One user turn (an image, then ``prompt``) through the checkpoint's chat template, with the
+    generation prompt; LLaVA's plain ``USER: <image>...ASSISTANT:`` when it carries none.  The image
+    part is transformers' ``{"type": "image"}``, or llama.cpp's ``image_url`` for templates that
+    only know that one."""
+    template = chat_template(ckpt)
+    if template is None:
+        return FALLBACK_TEMPLATE.format(prompt=prompt)
+    from ggraft.pair.chat_template import render_user_turn
+
+    special = {k: v if isinstance(v, str) else (v or {}).get("content", "")
+               for k, v in ckpt.tokenizer_config.items() if k in ("bos_token", "eos_token")}
+
+    def render(*parts: dict[str, Any]) -> str:
+        message = {"role": "user", "content": [*parts, {"type": "text", "text": prompt}]}
+        return render_user_turn(template, message, bos=special.get("bos_token", ""), eos=special.get("eos_token", ""))
+
     try:
-        from transformers import AutoTokenizer
+        text_only = render()
+        for image in ({"type": "image"}, {"type": "image_url", "image_url": {"url": "file:///probe.png"}}):
+            if (text := render(image)) != text_only:
+                return text
+        return text_only  # refused by expand_image: no image token
+    except Exception as e:  # a template is code: any failure is the checkpoint's
+        raise InputError(f"{ckpt.path}: its chat template does not render one image and a prompt "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
 
-        return list(AutoTokenizer.from_pretrained(folder).encode(text, add_special_tokens=False))
-    except (OSError, ValueError) as e:
-        raise InputError(f"{folder}: no tokenizer transformers can read ({str(e).splitlines()[0][:200]})") from None
+
+class Tokenizer:
+    """Text to ids: added (special) tokens matched whole, the text between them by the checkpoint's
+    sentencepiece model or, without one, by transformers' tokenizer."""
+
+    def __init__(self, ckpt: Checkpoint):
+        self.added = {text: tid for text, (tid, _special) in ckpt.added_tokens().items()}
+        spm = ckpt.path / "tokenizer.model"
+        if spm.is_file():
+            import sentencepiece
+
+            self._spm = sentencepiece.SentencePieceProcessor(model_file=str(spm))
+            self.added = {self._spm.id_to_piece(i): i for i in range(self._spm.get_piece_size())
+                          if self._spm.is_control(i)} | self.added  # user-defined pieces: encode keeps them whole
+            self._encode = lambda text: list(self._spm.encode(text))
+            return
+        if not any((ckpt.path / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
+            raise InputError(f"{ckpt.path}: no tokenizer (tokenizer.model, tokenizer.json or tokenizer_config.json)")
+        try:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(ckpt.path)
+        except (OSError, ValueError, KeyError) as e:
+            raise InputError(f"{ckpt.path}: no tokenizer transformers can read ({str(e).splitlines()[0][:200]})") from None
+        self._encode = lambda text: list(tok.encode(text, add_special_tokens=False))
+
+    def encode(self, text: str) -> list[int]:
+        ids: list[int] = []
+        names = sorted((t for t in self.added if t), key=len, reverse=True)
+        start = 0
+        while start < len(text):
+            hit = min(((text.find(t, start), -len(t), t) for t in names if text.find(t, start) >= 0), default=None)
+            end = hit[0] if hit else len(text)
+            if end > start:
+                ids += self._encode(text[start:end])
+            if not hit:
+                break
+            ids.append(self.added[hit[2]])
+            start = end + len(hit[2])
+        return ids
 
 
-def _pixels(image: Path, folder: Path, side: int):
-    import json
+def expand_image(ids: list[int], image_id: int, placeholders: list[int], n_image: int) -> list[int]:
+    """``ids`` with the image's ``n_image`` feature positions: the image token where the template
+    wrote it, else after the family's placeholder (Gemma's ``<start_of_image>``, Llama 4's
+    ``<|image|>``), as the family's processor expands it."""
+    if image_id in ids:
+        at = ids.index(image_id)
+        return ids[:at] + [image_id] * n_image + [t for t in ids[at + 1:] if t != image_id]
+    at = next((i for i, t in enumerate(ids) if t in placeholders), None)
+    if at is None:
+        raise InputError("the prompt's chat template puts no image token in the prompt: "
+                         "there is no image for the text to attend to")
+    return ids[:at + 1] + [image_id] * n_image + ids[at + 1:]
 
-    import numpy as np
+
+def build_inputs(ckpt: Checkpoint, image: Path, prompt: str, model) -> dict[str, Any]:
+    """The forward's arguments for one image and prompt: the image at the family's own size (as
+    ``verify`` feeds it, laid out by the converter's ``model_inputs``) and the prompt through the
+    chat template with the image token once per image feature."""
     import torch
+
+    from ggraft.jobs.verify import as_rows, pixel_values
+    from ggraft.mmproj.converter import converter_for
+
+    conv = converter_for(ckpt)
+    token = image_token_id(ckpt.config)
+    pv = pixel_values(load_image(image, *conv.test_image_size()), conv.params().image_mean, conv.params().image_std)
+    with torch.no_grad():  # the tower alone, to count the features: a fraction of the forward
+        n_image = as_rows(conv.reference_features(model, pv)).shape[0]
+    tok = Tokenizer(ckpt)
+    text = render_prompt(ckpt, prompt)
+    ids = ([] if chat_template(ckpt) else [b for b in [bos_id(ckpt)] if b is not None])
+    if IMAGE_SLOT in text:
+        before, after = text.split(IMAGE_SLOT, 1)
+        ids += tok.encode(before) + [token] + tok.encode(after)
+    else:
+        ids += tok.encode(text)
+    placeholders = [tok.added[t] for t in conv.image_tokens if t in tok.added]
+    ids = expand_image(ids, token, placeholders, n_image)
+    if ids[-1] == token:
+        raise InputError("the prompt's chat template puts no text after the image")
+    inputs = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+              **conv.model_inputs(pv)}
+    for mask in ("token_type_ids", "mm_token_type_ids"):  # families that mark image positions so
+        if mask in inspect.signature(model.forward).parameters:
+            inputs[mask] = (inputs["input_ids"] == token).long()
+    return inputs
+
+
+def bos_id(ckpt: Checkpoint) -> int | None:
+    bos = (ckpt.config.get("text_config") or {}).get("bos_token_id", ckpt.config.get("bos_token_id"))
+    return bos if isinstance(bos, int) else None
+
+
+def load_image(image: Path, height: int, width: int):
+    import numpy as np
     from PIL import Image
 
-    pre = folder / "preprocessor_config.json"
-    pre_cfg = json.loads(pre.read_text()) if pre.is_file() else {}
-    mean, std = pre_cfg.get("image_mean", CLIP_MEAN), pre_cfg.get("image_std", CLIP_STD)
     try:
-        img = Image.open(image).convert("RGB").resize((side, side), Image.BICUBIC)
+        img = Image.open(image).convert("RGB").resize((width, height), Image.BICUBIC)
     except (OSError, ValueError) as e:
         raise InputError(f"{image}: not an image PIL can read ({e})") from None
-    x = (np.asarray(img, np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)[None]))
-
-
-def build_inputs(ckpt: Checkpoint, image: Path, prompt: str) -> dict[str, Any]:
-    """``input_ids`` and ``pixel_values`` for one image and prompt, LLaVA's template
-    (``USER: <image>\\n{prompt}\\nASSISTANT:``) with the image token repeated once per image feature."""
-    import torch
-
-    if ckpt.architecture not in FAMILIES:
-        raise InputError(f"probe does not support {ckpt.architecture} yet (supported: {', '.join(FAMILIES)})")
-    token = image_token_id(ckpt.config)
-    vision = ckpt.config.get("vision_config") or {}
-    side, patch = int(vision.get("image_size", 336)), int(vision.get("patch_size", 14))
-    n_image = (side // patch) ** 2 + (ckpt.config.get("vision_feature_select_strategy") == "full")
-    bos = (ckpt.config.get("text_config") or {}).get("bos_token_id", 1)
-    ids = ([bos] if isinstance(bos, int) else []) + _text_ids(ckpt.path, "USER: ") + [token] * n_image + _text_ids(ckpt.path, f"\n{prompt}\nASSISTANT:")
-    if token not in ids or ids[-1] == token:
-        raise InputError("the prompt's template puts no image token before the text")
-    return {"input_ids": torch.tensor([ids]), "pixel_values": _pixels(image, ckpt.path, side),
-            "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+    return np.asarray(img, np.uint8)
 
 
 def measure(input_ids, attentions, hidden_states, token: int, fraction: float) -> dict[str, Any]:
@@ -140,7 +235,11 @@ def measure(input_ids, attentions, hidden_states, token: int, fraction: float) -
     out: dict[str, Any] = {"image_tokens": int(is_image.sum()), "text_queries": len(queries),
                            "context": len(ids), "uniform_share": uniform,
                            "text_to_image": [], "normalized": [], "image_change": [], "text_change": []}
-    for attn in attentions:  # (1, heads, q, k)
+    for attn in attentions:  # (1, heads, q, k); None for layers without softmax attention
+        if attn is None:
+            out["text_to_image"].append(None)
+            out["normalized"].append(None)
+            continue
         rows = attn[0, :, first_text:, :].double()
         share = float((rows[..., is_image].sum(-1) / rows.sum(-1)).mean())
         out["text_to_image"].append(share)
@@ -154,14 +253,29 @@ def measure(input_ids, attentions, hidden_states, token: int, fraction: float) -
     return out
 
 
-def saturation_layer(shares: list[float], fraction: float) -> int | None:
-    """The first layer from which every share is below ``fraction`` x the first layer's, or None."""
-    if not shares:
+def per_layer(attentions: list, n_layers: int, layer_types: list[str] | None) -> list:
+    """The attention weights of each language-model layer, None for layers without softmax
+    attention (LFM2's convolutions, Qwen3.5's linear attention), which transformers leaves out."""
+    if len(attentions) == n_layers:
+        return attentions
+    attending = [i for i, kind in enumerate(layer_types or []) if "attention" in kind and "linear" not in kind]
+    if len(attending) != len(attentions) or len(layer_types or []) != n_layers:
+        raise InputError(f"transformers returned attention weights for {len(attentions)} of {n_layers} layers "
+                         "and the config's layer_types does not say which")
+    weights = dict(zip(attending, attentions))
+    return [weights.get(i) for i in range(n_layers)]
+
+
+def saturation_layer(shares: list[float | None], fraction: float) -> int | None:
+    """The first layer from which every share is below ``fraction`` x the first layer's, or None
+    (layers without softmax attention, None, are passed over)."""
+    measured = [(layer, s) for layer, s in enumerate(shares) if s is not None]
+    if not measured:
         return None
-    bar = fraction * shares[0]
-    for layer in range(1, len(shares)):
-        if all(s < bar for s in shares[layer:]):
-            return layer
+    bar = fraction * measured[0][1]
+    for k in range(1, len(measured)):
+        if all(s < bar for _, s in measured[k:]):
+            return measured[k][0]
     return None
 
 
@@ -176,14 +290,20 @@ def probe(hf_dir: str | Path, image: str | Path, prompt: str = DEFAULT_PROMPT,
     image = Path(image)
     if not image.is_file():
         raise InputError(f"{image}: no such file")
-    inputs = build_inputs(ckpt, image, prompt)
+    image_token_id(ckpt.config)  # refused before the model loads
     model = model if model is not None else load_model(ckpt)
+    inputs = build_inputs(ckpt, image, prompt, model)
     with torch.no_grad():
-        result = model(**inputs, output_attentions=True, output_hidden_states=True, return_dict=True)
+        try:
+            result = model(**inputs, output_attentions=True, output_hidden_states=True, return_dict=True)
+        except (AttributeError, RuntimeError, ValueError, TypeError, IndexError) as e:
+            raise InputError(f"{ckpt.architecture}: transformers' forward failed ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
     if not result.attentions:
         raise InputError(f"{ckpt.architecture}: transformers returned no attention weights")
-    numbers = measure(inputs["input_ids"], result.attentions, result.hidden_states,
-                      image_token_id(ckpt.config), fraction)
+    attentions = per_layer(list(result.attentions), len(result.hidden_states) - 1,
+                           (ckpt.config.get("text_config") or ckpt.config).get("layer_types"))
+    numbers = measure(inputs["input_ids"], attentions, result.hidden_states, image_token_id(ckpt.config), fraction)
     return ProbeReport(checkpoint=str(ckpt.path), architecture=ckpt.architecture, fraction=fraction, **numbers)
 
 
@@ -205,7 +325,7 @@ def plot(reports: list[ProbeReport], path: Path) -> None:
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
     for r in reports:
         label = Path(r.checkpoint).name
-        top.plot(r.text_to_image, marker="o", label=label)
+        top.plot([float("nan") if v is None else v for v in r.text_to_image], marker="o", label=label)
         bottom.plot(r.image_change, marker="o", label=f"{label} image")
         bottom.plot(r.text_change, linestyle="--", label=f"{label} text")
     top.set_ylabel("text→image attention share")

@@ -152,9 +152,15 @@ class Converter:
         size = self.params().image_size
         return size, size
 
+    def model_inputs(self, pixel_values: Any) -> dict[str, Any]:
+        """The image arguments transformers' model takes (its forward and ``get_image_features``) for
+        ``pixel_values`` (1, 3, H, W), laid out as the family's processor lays out one image."""
+        return {"pixel_values": pixel_values}
+
     def reference_features(self, model: Any, pixel_values: Any) -> Any:
-        """transformers' image features for ``pixel_values`` (1, 3, H, W); used by verify."""
-        return model.get_image_features(pixel_values=pixel_values)
+        """transformers' image features for ``pixel_values`` (1, 3, H, W), one row per image token
+        the language model reads; used by verify and probe."""
+        return model.get_image_features(**self.model_inputs(pixel_values))
 
     @property
     def runtime_note(self) -> str | None:

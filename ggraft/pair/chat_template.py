@@ -73,19 +73,26 @@ def render_bounded(template, steps: int = MAX_STEPS, seconds: float = MAX_SECOND
 
 def render_with_image(template: str, bos: str, eos: str, steps: int = MAX_STEPS, seconds: float = MAX_SECONDS) -> str:
     """The prompt llama-cpp-python's MTMDChatHandler renders for one user message with an image."""
+    message = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///ggraft-check.png"}},
+                                           {"type": "text", "text": "What is in the picture?"}]}
+    return render_user_turn(template, compat.message_for_template(message, MEDIA_MARKER), bos, eos, steps, seconds)
+
+
+def render_user_turn(template: str, message: dict[str, Any], bos: str, eos: str, steps: int = MAX_STEPS,
+                     seconds: float = MAX_SECONDS) -> str:
+    """One user ``message`` and the generation prompt, rendered as llama-cpp-python's
+    Jinja2 chat formatter renders it, within the budget."""
     from jinja2.ext import loopcontrols
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     env = _sandbox()(trim_blocks=True, lstrip_blocks=True,
                      extensions=[Jinja2ChatFormatter.IgnoreGenerationTags, loopcontrols])
     env.filters["tojson"] = Jinja2ChatFormatter.tojson
-    message = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///ggraft-check.png"}},
-                                           {"type": "text", "text": "What is in the picture?"}]}
 
     def raise_exception(text: str) -> None:
         raise ValueError(text)
 
     return render_bounded(env.from_string(template), steps, seconds,
-                          messages=[compat.message_for_template(message, MEDIA_MARKER)], add_generation_prompt=True,
+                          messages=[message], add_generation_prompt=True,
                           bos_token=bos, eos_token=eos, raise_exception=raise_exception,
                           strftime_now=Jinja2ChatFormatter.strftime_now)
