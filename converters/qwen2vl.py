@@ -39,7 +39,7 @@ ACTIVATIONS = {"quick_gelu": {}, "silu": {"use_silu": True}}  # what llama.cpp's
 
 @register
 class Qwen2VL(Converter):
-    architectures = ("Qwen2VLForConditionalGeneration",)
+    architectures = ("Qwen2VLForConditionalGeneration", "Qwen2VLModel")  # the bare model holds the same tower
     projector_type = gguf.VisionProjectorType.QWEN2VL
     family = "Qwen2-VL"
     image_tokens = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>")

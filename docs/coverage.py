@@ -66,7 +66,7 @@ ROWS: tuple[ProjectorRow, ...] = (
     ProjectorRow("qwen2vl_merger", "Qwen2-VL, Sarashina2-Vision",
                  ("Qwen2VLForConditionalGeneration", "Qwen2VLModel", "Sarashina2VisionForCausalLM"), "yes",
                  ("Qwen2VLForConditionalGeneration", "Qwen2VLModel"), "Sarashina2-Vision: remote code only",
-                 pending=f"`Qwen2VLModel` (bare model): {ISSUE_16_CANDIDATE}; Sarashina2-Vision: {NO_REFERENCE}"),
+                 pending=f"Sarashina2-Vision: {NO_REFERENCE}"),
     ProjectorRow("qwen2.5vl_merger", "Qwen2.5-VL", ("Qwen2_5_VLForConditionalGeneration",),
                  "yes (wrong `n_wa_pattern` for non-periodic full-attention blocks)",
                  ("Qwen2_5_VLForConditionalGeneration",)),

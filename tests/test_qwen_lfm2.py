@@ -26,7 +26,7 @@ from ggraft.mmproj.converter import converter_for
 from ggraft.jobs.verify import verify
 
 Q = gguf.GGMLQuantizationType
-LAYOUTS = [("qwen2vl", "hf"), ("qwen2vl", "hf-modules"), ("qwen25vl", "hf"), ("qwen25vl", "hf-modules"),
+LAYOUTS = [("qwen2vl", "hf"), ("qwen2vl", "hf-modules"), ("qwen2vl", "hf-bare"), ("qwen25vl", "hf"), ("qwen25vl", "hf-modules"),
            ("lfm2vl", "hf"), ("lfm2vl", "hf-hub")]
 ONE_WINDOW, FOUR_WINDOWS = (112, 112), (168, 224)  # Qwen2.5-VL, patch 14: 4x4 / 6x8 merged tokens
 #: (height, width) -> tokens, per family; LFM2-VL also on grids its 16x16 positions are resized to
@@ -67,7 +67,8 @@ def test_fidelity(family, layout, outtype, fixture_dirs, converted):
         assert report.passed, (size, report.result)
 
 
-@pytest.mark.parametrize("family,other", [("qwen2vl", "hf-modules"), ("qwen25vl", "hf-modules"), ("lfm2vl", "hf-hub")])
+@pytest.mark.parametrize("family,other", [("qwen2vl", "hf-modules"), ("qwen2vl", "hf-bare"), ("qwen25vl", "hf-modules"),
+                                          ("lfm2vl", "hf-hub")])
 def test_layouts_give_the_same_file(family, other, converted):
     a, b = gguf_tensors(converted(family, "hf", "f32")), gguf_tensors(converted(family, other, "f32"))
     assert set(a) == set(b)
