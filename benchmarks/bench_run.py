@@ -73,7 +73,7 @@ def bare_request(llama, image: Path, stream: bool) -> int:
 
 
 def ggraft_request(pair, image: Path, stream: bool) -> int:
-    from ggraft.pair.runtime import user_messages
+    from ggraft.pair.messages import user_messages
 
     reply = pair.generate(user_messages([image], PROMPT), stream=stream, max_tokens=TOKENS, temperature=0.2,
                           top_p=0.95, seed=0)
@@ -99,7 +99,8 @@ def per_request(text: Path, mmproj: Path, image: Path, reps: int, threads: int) 
     from llama_cpp.llama_chat_format import MTMDChatHandler
 
     from ggraft.pair.engine import open_llama
-    from ggraft.pair.runtime import Pair, user_messages
+    from ggraft.pair.messages import user_messages
+    from ggraft.pair.runtime import Pair
 
     bare = open_llama(text, chat_handler=MTMDChatHandler(str(mmproj), verbose=False), n_ctx=4096,
                       n_threads=threads, seed=0, verbose=False)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from ggraft.gguf_io.output_types import OUTPUT_TYPES
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the fixtures package sits at the repo root
 
@@ -82,8 +84,8 @@ def llava_mmproj(llava_fixture, tmp_path_factory) -> Path:
     return mmproj.convert(converter_for(Checkpoint(llava_fixture / "hf")), out, "f32")
 
 
-#: the brief's per-token cosine bars, written out here rather than taken from ggraft.verify
-BARS = {"f32": 0.9999, "f16": 0.999, "bf16": 0.999, "q8_0": 0.99}
+#: the per-token cosine bar of each output type (its one home: ggraft.gguf_io.output_types)
+BARS = {t.name: t.bar for t in OUTPUT_TYPES}
 FIDELITY_RESULTS = ROOT / ".cache" / "fidelity"
 
 

@@ -10,7 +10,7 @@ from conftest import assert_one_line_error, run_cli
 
 from ggraft.gguf_io import gguf_file
 from ggraft.jobs.audit import audit
-from ggraft.gguf_io.gguf_inspect import inspect_gguf
+from ggraft.jobs.inspect import inspect_gguf
 
 Q = gguf.GGMLQuantizationType
 

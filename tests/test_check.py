@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from conftest import assert_one_line_error, run_cli
 
-from ggraft.pair.check import check_pair, llama_cpp_knows, vocab_forms
+from ggraft.pair.check import check_pair
+from ggraft.pair.libmtmd import llama_cpp_knows
+from ggraft.pair.vocab import vocab_forms
 from ggraft.errors import IncompatibleError, InputError
 
 Q = gguf.GGMLQuantizationType
@@ -59,7 +61,7 @@ def write_text(path: Path, tokens: list[str] | None = None, *, width: int = 64, 
 
 
 #: a small vision tower: every mmproj written here carries all that llama.cpp requires of its projector
-#: type (ggraft.pair.requirements), so each test sees only the finding it is about
+#: type (ggraft.mmproj.requirements), so each test sees only the finding it is about
 VISION = dict(E=32, H=4, F=64, N=1, S=32, P=8, X=40, Y=24, Q=4)
 TYPE_KEYS = {"idefics3": {gguf.Keys.ClipVision.Projector.SCALE_FACTOR: 2},
              "lfm2": {gguf.Keys.ClipVision.Projector.SCALE_FACTOR: 2},
@@ -70,8 +72,8 @@ def write_mmproj(path: Path, projector: str = "pixtral", width: int = 64, *, vis
                  audio: bool = False, img_break: np.ndarray | None = None, projection_dim: int | None = None) -> Path:
     """A complete mmproj of ``projector`` projecting to ``width`` (a Pixtral one carries the text
     model's default [IMG_BREAK] row unless ``img_break`` is given)."""
-    from ggraft.pair.requirements import PROJECTORS
-    from ggraft.pair.requirements_fit import needed_tensors
+    from ggraft.mmproj.requirements import PROJECTORS
+    from ggraft.mmproj.requirements_fit import needed_tensors
 
     v = VISION
     w = gguf.GGUFWriter(str(path), "clip")
@@ -143,7 +145,7 @@ def test_known_runtime_defects_are_warned_about():
 
 
 def test_llava_pair_warns_of_the_cls_defect(llava_fixture, llava_mmproj):
-    from ggraft.pair.check import installed_llama_cpp_python
+    from ggraft.pair.libmtmd import installed_llama_cpp_python
 
     report = check_pair(llava_fixture / "text.gguf", llava_mmproj)
     defects = [f for f in report.findings if f.code == "runtime-defect"]

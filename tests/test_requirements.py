@@ -1,4 +1,4 @@
-"""What llama.cpp requires of an mmproj (``ggraft.pair.requirements``), proven on every family
+"""What llama.cpp requires of an mmproj (``ggraft.mmproj.requirements``), proven on every family
 ggraft converts: each converted fixture passes; a copy with a key or tensor that llama.cpp's
 graph needs removed or damaged is refused by ``check`` (llama.cpp would refuse it, abort or
 segfault), ``ggraft run`` exits 1 without reaching llama.cpp, and ``convert`` refuses a checkpoint
@@ -29,8 +29,8 @@ from ggraft.mmproj import writer
 from ggraft.mmproj.converter import converter_for, discover
 from ggraft.pair import engine
 from ggraft.pair.check import check_mmproj, check_pair
-from ggraft.pair.requirements import PROJECTORS, REQUIRED, VISION_KEYS, OneOf
-from ggraft.pair.requirements_fit import MmprojHeader, mmproj_problems, needed_tensors
+from ggraft.mmproj.requirements import PROJECTORS, REQUIRED, VISION_KEYS, OneOf
+from ggraft.mmproj.requirements_fit import MmprojHeader, mmproj_problems, needed_tensors
 from ggraft.pair.runtime import Pair
 
 VT = gguf.GGUFValueType
@@ -278,6 +278,10 @@ def test_tables_are_consistent(projector):
     if projector in ("idefics3", "lfm2"):
         types[CV.Projector.SCALE_FACTOR] = (VT.UINT32, None)
         shapes = needed_tensors(projector, {**symbols, "M": 2})
+    if projector == "granite4_vision":  # 64-wide Q-Former heads; 2x2 windows on the 4x4 grid, 1 query each
+        values.update({CV.EMBEDDING_LENGTH: 64, "clip.vision.feature_layer": [1], "clip.vision.image_grid_pinpoints":
+                       [32, 32], "clip.vision.projector.spatial_offsets": [-1], "clip.vision.projector.window_side": 2})
+        shapes = needed_tensors(projector, {**symbols, "E": 64, "Qs": 1, "Ws": 2, "Xq": 40, "features": [1]})
     header = MmprojHeader(types, lambda k: values.get(k, 1), shapes)
     assert [p for p in mmproj_problems(header, projector) if p.severity == "error"] == []
     for name in required_names(projector, set(shapes), symbols["N"]):

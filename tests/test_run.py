@@ -157,7 +157,7 @@ def test_raw_prompt_places_the_images_at_the_markers(text, llava_mmproj):
 
 def test_python_api(text, llava_mmproj):
     from ggraft import Pair
-    from ggraft.pair.runtime import user_messages
+    from ggraft.pair.messages import user_messages
 
     with Pair(text, llava_mmproj) as pair:
         whole = pair.describe(SAMPLE, "What is in the picture?", max_tokens=8, seed=3)

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import output
-from .options import Json, Output
+from .options import DEFAULT_OUTTYPE, OUTTYPE_CHOICES, Json, Output
 
 #: check findings that tell a user what the bridged pair still needs (the rest: ggraft check)
 TOLD = ("boundary-", "chat-template", "text-architecture", "img-break", "width")
@@ -19,8 +19,8 @@ def bridge(mmproj: Annotated[Path, typer.Option("--mmproj", metavar="PATH", help
                                                     "model whose input embeddings the mmproj feeds.")],
            text: Annotated[Path, typer.Option("--text", metavar="FILE", help="The recipient's text GGUF.")],
            out: Output,
-           outtype: Annotated[Optional[str], typer.Option("--outtype", metavar="TYPE", help="Tensor type: f32, f16, "
-                              "bf16 or q8_0 (default: the donor's own types; f16 from a checkpoint).")] = None,
+           outtype: Annotated[Optional[str], typer.Option("--outtype", metavar="TYPE", help=f"Tensor type: {OUTTYPE_CHOICES} "
+                              f"(default: the donor's own types; {DEFAULT_OUTTYPE} from a checkpoint).")] = None,
            force: Annotated[bool, typer.Option("--force", help="Write even when the fit is poor, and overwrite the "
                                                "output if it exists.")] = False,
            json: Json = False) -> None:

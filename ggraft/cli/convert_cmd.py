@@ -7,12 +7,12 @@ from typing import Annotated
 import typer
 
 from . import output
-from .options import Force, Json, Output, OutType
+from .options import DEFAULT_OUTTYPE, Force, Json, Output, OutType
 
 
 def convert(hf_dir: Annotated[Path, typer.Argument(help="Checkpoint folder: Hugging Face (config.json) or "
                                                     "Mistral native (params.json).")],
-            out: Output, outtype: OutType = "f16", force: Force = False, json: Json = False) -> None:
+            out: Output, outtype: OutType = DEFAULT_OUTTYPE, force: Force = False, json: Json = False) -> None:
     """Convert a checkpoint's vision encoder + projector into an mmproj GGUF."""
     from ggraft.hf.checkpoint import open_checkpoint
     from ggraft.mmproj.converter import converter_for

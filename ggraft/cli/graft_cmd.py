@@ -7,15 +7,15 @@ from typing import Annotated, Optional
 import typer
 
 from . import output
-from .options import Force, Json, Output
+from .options import DEFAULT_OUTTYPE, OUTTYPE_CHOICES, Force, Json, Output
 
 
 def graft(donor: Annotated[Path, typer.Option("--donor", metavar="PATH", help="Checkpoint folder (transformers or Mistral "
                                               "native) or mmproj GGUF whose vision tower to use.")],
           text: Annotated[Path, typer.Option("--text", metavar="FILE", help="The recipient's text GGUF.")],
           out: Output,
-          outtype: Annotated[Optional[str], typer.Option("--outtype", metavar="TYPE", help="Tensor type: f32, f16, bf16 or q8_0 "
-                             "(default: f16 from a checkpoint, the donor's own types from an mmproj).")] = None,
+          outtype: Annotated[Optional[str], typer.Option("--outtype", metavar="TYPE", help=f"Tensor type: {OUTTYPE_CHOICES} "
+                             f"(default: {DEFAULT_OUTTYPE} from a checkpoint, the donor's own types from an mmproj).")] = None,
           allow_token_remap: Annotated[bool, typer.Option("--allow-token-remap", help="Accept image tokens at "
                                        "other ids than the donor's (they must still be special tokens).")] = False,
           force: Force = False, json: Json = False) -> None:

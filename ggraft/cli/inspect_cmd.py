@@ -15,7 +15,7 @@ def inspect(file: Annotated[Path, typer.Argument(help="A GGUF file (text model o
     """Show what a GGUF file is.
 
     Architecture, type, widths, projector, tensors by type and ggraft provenance, from the header."""
-    from ggraft.gguf_io.gguf_inspect import inspect_gguf
+    from ggraft.jobs.inspect import inspect_gguf
 
     report = inspect_gguf(file)
     if json:

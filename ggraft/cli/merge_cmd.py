@@ -7,13 +7,13 @@ from typing import Annotated, Optional
 import typer
 
 from . import output
-from .options import Force, Json, Threads
+from .options import OUTTYPE_CHOICES, Force, Json, Threads
 
 
 def merge(config: Annotated[Path, typer.Argument(help="Merge config (mergekit's YAML).")],
           out: Annotated[Path, typer.Option("-o", "--output", help="A GGUF file, or a folder (HF merge).")],
           outtype: Annotated[Optional[str], typer.Option(
-              "--outtype", help="f32, f16, bf16 or q8_0 (GGUF only). Default: the config's dtype, "
+              "--outtype", help=f"{OUTTYPE_CHOICES} (GGUF only). Default: the config's dtype, "
                                 "else the metadata source's type.")] = None,
           force: Force = False,
           embed_common: Annotated[bool, typer.Option(

@@ -6,9 +6,11 @@ from typing import Annotated
 
 import typer
 
+from ggraft.gguf_io.output_types import CHOICES as OUTTYPE_CHOICES, DEFAULT as DEFAULT_OUTTYPE
+
 Force = Annotated[bool, typer.Option("--force", help="Overwrite the output if it exists.")]
 Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
-OutType = Annotated[str, typer.Option("--outtype", metavar="TYPE", help="Tensor type of the output: f32, f16, bf16 or q8_0.")]
+OutType = Annotated[str, typer.Option("--outtype", metavar="TYPE", help=f"Tensor type of the output: {OUTTYPE_CHOICES}.")]
 Output = Annotated[Path, typer.Option("-o", "--output", metavar="FILE", help="Output file.")]
 Threads = Annotated[int | None, typer.Option("--threads", metavar="N", help="CPU threads (default: all cores).")]
 TextGguf = Annotated[Path, typer.Argument(help="The text model GGUF.")]

@@ -35,7 +35,8 @@ def probe(
     checkpoint's chat template, the image token repeated once per image feature. Families: every one
     ggraft converts whose transformers class returns attention weights: LLaVA, Mistral 3 / Pixtral,
     Gemma 3, Gemma 4, Idefics3 / SmolVLM (first tile), InternVL, LFM2-VL (its attention layers; its
-    convolutions show as —), Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 (full-attention layers). Not:
+    convolutions show as —), Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 (full-attention layers), Step-3.7,
+    HunyuanOCR, EXAONE 4.5, GLM-5 Next (its MLA layers; multi-stream residuals compared as their mean). Not:
     Llama 4 (transformers 5.24's forward fails, modeling_llama4.py:1318), Gemma 3n (needs timm).
     Needs the verify extra (torch, transformers); --plot the plot extra (matplotlib)."""
     from ggraft.jobs import probe as probe_job

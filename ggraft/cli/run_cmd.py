@@ -31,7 +31,8 @@ def run(text: TextGguf, mmproj: MmprojGguf,
 
     The pair is checked first; the reply streams to stdout (--json: the whole reply with timings)."""
     from ggraft.errors import InputError
-    from ggraft.pair.runtime import Pair, user_messages
+    from ggraft.pair.messages import user_messages
+    from ggraft.pair.runtime import Pair
 
     if raw and system:
         raise InputError("--system has no place in a --raw prompt", "write the system text into the prompt")

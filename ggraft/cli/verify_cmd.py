@@ -6,6 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ggraft.gguf_io.output_types import bars_described
 from . import output
 from .options import Json, Threads
 
@@ -18,7 +19,7 @@ def verify(hf_dir: Annotated[Path, typer.Argument(help="Hugging Face checkpoint 
            threads: Threads = None, json: Json = False) -> None:
     """Compare the mmproj's image embeddings in llama.cpp with transformers' on the same pixels.
 
-    Exit 1 below the bar for the file's type (cosine 0.9999 f32, 0.999 f16/bf16, 0.99 q8_0)."""
+    Exit 1 below the bar for the file's type (cosine {bars})."""
     from ggraft.errors import InputError
     from ggraft.jobs.verify import verify as run
 
@@ -35,6 +36,9 @@ def verify(hf_dir: Annotated[Path, typer.Argument(help="Hugging Face checkpoint 
     else:
         render(report)
     raise typer.Exit(0 if report.passed else 1)
+
+
+verify.__doc__ = (verify.__doc__ or "").format(bars=bars_described())  # the bars of ``output_types``
 
 
 def render(report) -> None:

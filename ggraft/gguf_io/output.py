@@ -1,5 +1,6 @@
-"""Writing GGUF files, whatever they hold: the output types, tensor encoding, streaming,
-the one rule for output paths (exists / --force / symlinks) and atomic replacement."""
+"""Writing GGUF files, whatever they hold: the output types (as GGML and file types; the
+vocabulary itself is ``output_types``), tensor encoding, streaming, the one rule for output
+paths (exists / --force / symlinks) and atomic replacement."""
 from __future__ import annotations
 
 import os
@@ -16,15 +17,12 @@ from gguf.lazy import LazyNumpyTensor
 from ggraft import compat
 from ggraft.errors import InputError, OutputExistsError
 from ggraft.gguf_io import numeric
+from ggraft.gguf_io.output_types import NAMES, OUTPUT_TYPES
 
 Q = gguf.GGMLQuantizationType
-OUTTYPES: dict[str, Q] = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
-FILE_TYPES: dict[Q, gguf.LlamaFileType] = {
-    Q.F32: gguf.LlamaFileType.ALL_F32,
-    Q.F16: gguf.LlamaFileType.MOSTLY_F16,
-    Q.BF16: gguf.LlamaFileType.MOSTLY_BF16,
-    Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
-}
+#: output type name -> GGML tensor type, and GGML type -> general.file_type (``output_types``)
+OUTTYPES: dict[str, Q] = {t.name: t.ggml_type for t in OUTPUT_TYPES}
+FILE_TYPES: dict[Q, gguf.LlamaFileType] = {t.ggml_type: t.llama_file_type for t in OUTPUT_TYPES}
 PROVENANCE_PREFIX = "ggraft."
 NAME_MAX = 255  # bytes in one file name, on every common file system
 
@@ -45,7 +43,7 @@ def parse_outtype(name: str) -> Q:
     try:
         return OUTTYPES[name.lower()]
     except KeyError:
-        raise InputError(f"unknown output type {name!r}; choose one of {', '.join(OUTTYPES)}") from None
+        raise InputError(f"unknown output type {name!r}; choose one of {', '.join(NAMES)}") from None
 
 
 def check_output(out: Path, force: bool, folder: bool = False, make_parent: bool = False) -> None:

@@ -52,8 +52,9 @@ RULES: dict[str, Rule] = {
                                         "temporal_patch_size", "in_chans")},
     "num_key_value_heads": _ints(1, COUNT_MAX, nullable=True),
     "n_kv_heads": _ints(1, COUNT_MAX, nullable=True),
-    **{k: _ints(1, SIDE_MAX) for k in ("image_size", "patch_size", "window_size", "longest_edge",
-                                       "shortest_edge", "height", "width")},
+    **{k: _ints(1, SIDE_MAX) for k in ("image_size", "patch_size", "window_size", "height", "width")},
+    #: a side (CLIP-style processors) or a pixel count (Qwen-style: min/max pixels under transformers 5)
+    **{k: _ints(1, (1 << 31) - 1) for k in ("longest_edge", "shortest_edge")},
     **{k: _ints(1, 1 << 24) for k in ("num_patches", "mm_tokens_per_image", "num_position_embeddings",
                                       "vocab_size")},
     **{k: _ints(0, 1 << 24, layers=True) for k in ("num_hidden_layers", "depth", "n_layers")},

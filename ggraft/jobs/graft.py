@@ -26,7 +26,7 @@ import numpy as np
 
 from ggraft import __version__
 from ggraft.gguf_io import gguf_file
-from ggraft.gguf_io import output
+from ggraft.gguf_io import output, output_types
 from ggraft.mmproj import writer as mmproj
 from ggraft.hf.checkpoint import open_checkpoint
 from ggraft.mmproj.converter import Converter, Lazy, Recipient, converter_for, discover, in_memory
@@ -180,7 +180,7 @@ def graft(donor: str | Path, text: str | Path, out: str | Path, outtype: str | N
     provenance = {"donor": d.name, "recipient": text.name, "recipient_header_sha256": report.recipient_header_sha256}
     if d.converter is not None:
         fitted = type(d.converter)(d.converter.ckpt, Recipient(rows, ids))
-        mmproj.convert(fitted, out, outtype or "f16", force=True, provenance=provenance)
+        mmproj.convert(fitted, out, outtype or output_types.DEFAULT, force=True, provenance=provenance)
     else:
         copy_mmproj(d.reader, d.family, rows, ids, out, qtype, provenance)
     return report
@@ -200,6 +200,10 @@ def _dequantized(t: gguf.ReaderTensor) -> Lazy:
         return gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
 
     return Lazy(meta=Lazy.meta_with_dtype_and_shape(np.float32, shape), args=(), func=values)
+
+
+#: what to do about a donor tensor of a type gguf-py cannot write back (``writable``)
+REENCODE_HINT = f"pass --outtype {output_types.alternatives(output_types.DEFAULT)} to re-encode the donor's tensors"
 
 
 def writable(qtype: gguf.GGMLQuantizationType) -> bool:
@@ -246,7 +250,7 @@ def copy_mmproj(reader: gguf.GGUFReader, family: type[Converter], rows: dict[str
             source, target = in_memory(row.reshape(source.shape)), gguf.GGMLQuantizationType.F32
         elif not writable(target):
             raise InputError(f"{reader.path}: tensor {t.name} is {target.name}, which gguf-py cannot write back",
-                             hint="pass --outtype f16 (or f32, bf16, q8_0) to re-encode the donor's tensors")
+                             hint=REENCODE_HINT)
         plan.append((t.name, source, target))
     plan += [(name, in_memory(row), gguf.GGMLQuantizationType.F32) for name, row in replaced.items()]
     return output.write_gguf(out, w, plan, label=f"graft {out.name}")

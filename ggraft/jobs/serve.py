@@ -21,7 +21,8 @@ from typing import Any, Callable
 
 from ggraft import compat
 from ggraft.errors import InputError
-from ggraft.pair.runtime import Pair, image_bytes
+from ggraft.pair.messages import image_bytes
+from ggraft.pair.runtime import Pair
 
 
 def is_loopback(host: str) -> bool:

@@ -14,20 +14,13 @@ import gguf
 import numpy as np
 
 from ggraft.pair import engine
-from ggraft.pair.check import projection_width
+from ggraft.pair.headers import projection_width
 from ggraft.pair.runtime import preflight_mmproj
-from ggraft.gguf_io import gguf_file
+from ggraft.gguf_io import gguf_file, output_types
 from ggraft.hf.checkpoint import Checkpoint
 from ggraft.mmproj.converter import Converter, converter_for
 from ggraft.errors import EngineError, InputError
 
-#: minimum per-token cosine by the mmproj's general.file_type
-BARS: dict[int, tuple[str, float]] = {
-    gguf.LlamaFileType.ALL_F32: ("f32", 0.9999),
-    gguf.LlamaFileType.MOSTLY_F16: ("f16", 0.999),
-    gguf.LlamaFileType.MOSTLY_BF16: ("bf16", 0.999),
-    gguf.LlamaFileType.MOSTLY_Q8_0: ("q8_0", 0.99),
-}
 
 
 @dataclass
@@ -62,6 +55,10 @@ class VerifyReport:
 
 #: the largest test image side verify builds, in pixels
 MAX_SIDE = 4096
+#: projector types whose image layout mtmd derives from the text model's rope type (hunyuanvl: mtmd.cpp
+#: 1528-1531 aborts unless it is M-RoPE), which llama.cpp reads only when it loads the model whole: a
+#: vocabulary-only load returns before the hyper-parameters (src/llama-model.cpp:1317)
+NEEDS_TEXT_HPARAMS = ("hunyuanvl",)
 
 
 def checked_image_size(conv: Converter, size: tuple[int, int] | None) -> tuple[int, int]:
@@ -111,15 +108,16 @@ def as_rows(features: Any) -> np.ndarray:
     return features.detach().float().reshape(-1, features.shape[-1]).cpu().numpy()
 
 
-def load_reference_model(ckpt: Checkpoint):
+def load_reference_model(ckpt: Checkpoint, class_name: str | None = None):
     try:
         import torch
         import transformers
     except ImportError:
         raise InputError("ggraft verify needs torch and transformers", hint="pip install 'ggraft[verify]'") from None
-    cls = getattr(transformers, ckpt.architecture, None)
+    class_name = class_name or ckpt.architecture
+    cls = getattr(transformers, class_name, None)
     if cls is None:
-        raise InputError(f"the installed transformers {transformers.__version__} has no {ckpt.architecture}")
+        raise InputError(f"the installed transformers {transformers.__version__} has no {class_name}")
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     return cls.from_pretrained(ckpt.path, dtype=torch.float32).eval()
@@ -132,8 +130,9 @@ def pixel_values(img: np.ndarray, mean: list[float], std: list[float]):
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)[None]))
 
 
-def llama_embeddings(mmproj: Path, img: np.ndarray, n_embd: int, text: Path | None, n_threads: int | None) -> np.ndarray:
-    model = engine.load_text_model(text) if text else None
+def llama_embeddings(mmproj: Path, img: np.ndarray, n_embd: int, text: Path | None, n_threads: int | None,
+                     vocab_only: bool = True) -> np.ndarray:
+    model = engine.load_text_model(text, vocab_only=vocab_only) if text else None
     try:
         with engine.VisionEncoder(mmproj, model, n_threads=n_threads) as enc:
             return enc.encode(img, n_embd)
@@ -161,7 +160,8 @@ def verify(hf_dir: str | Path, mmproj: str | Path, text: str | Path | None = Non
     preflight_mmproj(mmproj)  # what llama.cpp would refuse or crash on is refused before it is loaded
     reader = gguf_file.scan_gguf(mmproj, "mmproj GGUF")
     ftype = gguf_file.value(reader, "general.file_type", gguf.LlamaFileType.ALL_F32)
-    outtype, bar = BARS.get(ftype, ("unknown", 0.99))
+    written = output_types.by_file_type(ftype)  # its bar: the minimum per-token cosine for the type
+    outtype, bar = (written.name, written.bar) if written else ("unknown", output_types.LOOSEST_BAR)
     projector = gguf_file.value(reader, gguf.Keys.Clip.PROJECTOR_TYPE, "")
     n_embd = projection_width(reader, projector)[0]  # as llama.cpp derives it (DeepStack features included)
     del reader
@@ -172,7 +172,8 @@ def verify(hf_dir: str | Path, mmproj: str | Path, text: str | Path | None = Non
     report = VerifyReport(str(ckpt.path), str(mmproj), projector, outtype, bar, tuple(size), None, False)
 
     try:
-        raw = llama_embeddings(mmproj, img, int(n_embd), Path(text) if text else None, n_threads)
+        raw = llama_embeddings(mmproj, img, int(n_embd), Path(text) if text else None, n_threads,
+                               vocab_only=projector not in NEEDS_TEXT_HPARAMS)
     except EngineError as e:
         if text is None and "llama_vocab" in e.message:
             raise InputError(f"{mmproj}: llama.cpp puts text tokens around {projector} images, which needs the "
@@ -180,7 +181,7 @@ def verify(hf_dir: str | Path, mmproj: str | Path, text: str | Path | None = Non
         raise
     rows = conv.llama_rows(raw)
     report.nonfinite_outside = int((~np.isfinite(raw)).sum() - (~np.isfinite(rows)).sum())
-    model = load_reference_model(ckpt)
+    model = load_reference_model(ckpt, conv.reference_class())
     try:
         ref, runtime = reference_embeddings(conv, model, img)
     except (RuntimeError, ValueError, IndexError) as e:

@@ -82,6 +82,8 @@ class Converter:
     #: (e.g. Pixtral's v.token_embd.img_break): ``text_row`` reads them from the checkpoint, or
     #: ``ggraft graft`` supplies the recipient's (``recipient``)
     text_rows: ClassVar[dict[str, str]] = {}
+    #: architectures (config.json spellings) that transformers builds under another class name
+    reference_classes: ClassVar[dict[str, str]] = {}
 
     def __init__(self, ckpt: Checkpoint, recipient: Recipient | None = None):
         self.ckpt = ckpt
@@ -151,6 +153,10 @@ class Converter:
         """(height, width) of an image this family takes without resizing."""
         size = self.params().image_size
         return size, size
+
+    def reference_class(self) -> str:
+        """The transformers class that builds this checkpoint (verify and probe load it)."""
+        return self.reference_classes.get(self.ckpt.architecture, self.ckpt.architecture)
 
     def model_inputs(self, pixel_values: Any) -> dict[str, Any]:
         """The image arguments transformers' model takes (its forward and ``get_image_features``) for

@@ -55,13 +55,9 @@ def _version(text: str) -> tuple[int, ...]:
 #: tokenizer conventions of families without a ggraft converter yet, from each family's
 #: tokenizer and processor (transformers' processing_<family>.py)
 OTHER_CONVENTIONS: tuple[Convention, ...] = (
-    Convention("MiniCPM-V", ("<image>", "</image>", "<slice>", "</slice>"), projectors=("resampler", "minicpmv4_6")),
     Convention("Kimi-VL", ("<|media_start|>", "<|media_end|>", "<|media_pad|>", "<|media_begin|>"),
                projectors=("kimivl", "kimik25")),
-    Convention("GLM-4V", ("<|begin_of_image|>", "<|end_of_image|>"), projectors=("glm4v", "glm5v")),
-    Convention("PaddleOCR-VL", ("<|IMAGE_START|>", "<|IMAGE_END|>"), projectors=("paddleocr",)),
     Convention("dots.ocr", ("<|img|>", "<|endofimg|>", "<|imgpad|>"), projectors=("dots_ocr",)),
-    Convention("EXAONE 4.5", ("<vision>", "</vision>"), projectors=("exaone4_5",)),
     Convention("Step3-VL", ("<im_start>", "<im_end>", "<patch_start>", "<patch_end>", "<patch_newline>"),
                projectors=("step3vl",)),
 )

@@ -12,8 +12,9 @@ from pathlib import Path
 import gguf
 
 from ggraft import __version__
+from ggraft.gguf_io import output_types
 from ggraft.gguf_io.output import FILE_TYPES, PROVENANCE_PREFIX, Q, check_output, parse_outtype, write_gguf
-from ggraft.pair.requirements_fit import refuse_unloadable
+from .requirements_fit import refuse_unloadable
 from .converter import Converter, VisionParams
 
 #: tensors kept in f32 whatever the output type: embeddings added to activations, the
@@ -26,13 +27,17 @@ PATCH_EMBD = "v.patch_embd."
 #: block were one element, which overruns the destination and corrupts the heap, so they are
 #: never quantized (llama.cpp's own converter forces f16, citing ggml-org/llama.cpp#13025)
 TRANSPOSED_IN_GRAPH = ("mm.input_projection.",)
+#: matrices llama.cpp's graphs add to activations as stored (granite4_vision's Q-Former queries and
+#: window positions, ``v.proj_blk.N.query`` / ``.img_pos``, models/granite4-vision.cpp): ggml's CPU
+#: add takes an f32 activation only with an f32 second operand (ggml-cpu/binary-ops.cpp binary_op)
+ADDED_IN_GRAPH = (".query", ".img_pos")
 #: the image tokens (and their ids) a converted mmproj expects, written by convert and graft
 IMAGE_TOKENS_KEY, IMAGE_TOKEN_IDS_KEY = PROVENANCE_PREFIX + "image_tokens", PROVENANCE_PREFIX + "image_token_ids"
 
 
 def tensor_type(name: str, shape: tuple[int, ...], outtype: Q) -> Q:
     """The one dtype policy for mmproj tensors (see the module docstring)."""
-    if sum(d > 1 for d in shape) < 2 or name.startswith(KEEP_F32) or name.endswith(".bias"):
+    if sum(d > 1 for d in shape) < 2 or name.startswith(KEEP_F32) or name.endswith((".bias", *ADDED_IN_GRAPH)):
         return Q.F32
     if name.startswith(PATCH_EMBD) or len(shape) > 2:  # a convolution kernel: ggml's take f32 or f16,
         # and a depthwise one (one input channel per group) only f16: ggml_conv_2d_dw builds an f16 im2col
@@ -81,7 +86,7 @@ def write_extra(w: gguf.GGUFWriter, extra: dict) -> None:
             w.add_array(key, list(value))
 
 
-def convert(converter: Converter, out: Path, outtype: str = "f16", force: bool = False,
+def convert(converter: Converter, out: Path, outtype: str = output_types.DEFAULT, force: bool = False,
             provenance: dict[str, str] | None = None) -> Path:
     """Write ``converter``'s mmproj to ``out``."""
     out = Path(out)

@@ -13,118 +13,26 @@ does; without a template the text is sent plain (with a warning), and ``raw`` se
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import ctypes
-import functools
 import io
 import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
-from urllib.parse import unquote, urlparse
 
 import jinja2
 
 from ggraft.pair import engine
-from ggraft.errors import EngineError, IncompatibleError, InputError, input_file
+from ggraft.errors import EngineError, IncompatibleError, InputError
+from .messages import first_line, image_bytes, user_messages
 
-IMAGE_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 # Jinja run by llama-cpp-python's handler (trim_blocks: newlines are written as expressions).
 # By then every image part has become a text part holding the media marker.
 _CONTENT = "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}" \
            "{% if p['type'] == 'text' %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}"
 PLAIN_TEMPLATE = "{% for m in messages %}" + _CONTENT + "{{ '\\n' }}{% endfor %}"
 RAW_TEMPLATE = "{% for m in messages %}" + _CONTENT + "{% endfor %}"
-
-
-@functools.cache
-def media_marker() -> str:
-    """The text llama.cpp replaces with an image's embeddings (``<__media__>``)."""
-    from llama_cpp import mtmd_cpp
-
-    return mtmd_cpp.mtmd_default_marker().decode()
-
-
-def _first_line(e: BaseException) -> str:
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
-
-
-def image_bytes(source: str | Path, *, allow_files: bool = True, decode: bool = True, label: str | None = None) -> bytes:
-    """The bytes of a PNG/JPEG/WebP image given as a ``data:`` URI, a ``file://`` URL or a path.
-
-    With ``decode`` the pixels are decoded once, so a truncated or corrupt file is refused here
-    rather than inside llama.cpp.  Remote URLs are refused: ggraft fetches nothing.
-    """
-    return _read_image(str(source), allow_files, decode, label)[0]
-
-
-def image_data_uri(path: str | Path) -> str:
-    """A PNG/JPEG/WebP file as a data: URI, after checking that it decodes."""
-    raw, fmt = _read_image(str(path), True, True, None)
-    return f"data:{IMAGE_FORMATS[fmt]};base64,{base64.b64encode(raw).decode()}"
-
-
-def _read_image(source: str, allow_files: bool, decode: bool, label: str | None) -> tuple[bytes, str]:
-    from PIL import Image, UnidentifiedImageError
-
-    if source.startswith("data:"):
-        label = label or "image (data: URI)"
-        header, sep, payload = source.partition(",")
-        if not sep or not header.endswith(";base64"):
-            raise InputError(f"{label}: a data: URI must be base64 ('data:image/png;base64,...')")
-        try:
-            raw = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError):
-            raise InputError(f"{label}: the data: URI is not valid base64") from None
-    else:
-        url = urlparse(source)
-        if url.scheme in ("http", "https", "ftp"):
-            raise InputError(f"{label or source}: remote image URLs are not fetched; send the image as a data: URI or a local file")
-        path = Path(unquote(url.path)) if url.scheme == "file" else Path(source)
-        label = label or str(path)
-        if not allow_files:
-            raise InputError(f"{label}: local image files are not served on this address; send a data: URI")
-        try:
-            raw = input_file(path, "PNG, JPEG or WebP image").read_bytes()  # only regular files: a FIFO would block
-        except InputError as e:
-            raise InputError(f"{label}: cannot read image: {e.message.removeprefix(f'{path}: ')}") from None
-        except OSError as e:
-            raise InputError(f"{label}: cannot read image: {e.strerror or e}") from None
-    try:
-        with Image.open(io.BytesIO(raw)) as im:
-            fmt = im.format
-            if decode and fmt in IMAGE_FORMATS:
-                im.load()
-    except UnidentifiedImageError:
-        raise InputError(f"{label}: not a readable image (unknown or damaged format)") from None
-    except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
-        raise InputError(f"{label}: not a readable image ({_first_line(e)})") from None
-    if fmt not in IMAGE_FORMATS:
-        raise InputError(f"{label}: image format {fmt} is not supported; use PNG, JPEG or WebP")
-    return raw, fmt
-
-
-def user_messages(images: list[str | Path], prompt: str, system: str | None = None) -> list[dict[str, Any]]:
-    """One user message with the images and the prompt (plus a system message).
-
-    The images go where the prompt has the media marker (``<__media__>``), else before the text.
-    """
-    marker = media_marker()
-    parts = [{"type": "image_url", "image_url": {"url": image_data_uri(p)}} for p in images]
-    pieces = prompt.split(marker)
-    if len(pieces) == 1:
-        content: list[dict[str, Any]] = parts + [{"type": "text", "text": prompt}]
-    elif len(pieces) - 1 != len(images):
-        raise InputError(f"the prompt has {len(pieces) - 1} {marker} marker(s) but {len(images)} image(s) were given")
-    else:
-        content = []
-        for i, text in enumerate(pieces):
-            content += [{"type": "text", "text": text}] if text else []
-            content += parts[i:i + 1]
-    messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
-    return messages + [{"role": "user", "content": content}]
 
 
 def _refuse(report, ignore: tuple[str, ...] = ()):
@@ -151,7 +59,7 @@ def preflight_mmproj(mmproj: str | Path):
 
 def _engine_error(prefix: str, exc: BaseException) -> EngineError:
     """llama.cpp's logged reason in one line; its own "hint:" becomes the error's hint."""
-    reason = engine.log_reason(_first_line(exc))
+    reason = engine.log_reason(first_line(exc))
     message, _, hint = reason.partition(" hint: ")
     return EngineError(f"{prefix}: {message}", hint=hint or None)
 
@@ -374,11 +282,11 @@ class Pair:
                                                        temperature=temperature, top_p=top_p, seed=seed, **options)
         except (ValueError, RuntimeError) as e:
             if "exceed" in str(e):  # llama-cpp-python: "Prompt exceeds n_ctx: 5000 > 4096"
-                raise InputError(f"the prompt does not fit the context: {_first_line(e)}",
+                raise InputError(f"the prompt does not fit the context: {first_line(e)}",
                                  "give a larger context (--ctx) or a shorter prompt") from None
             raise _engine_error("llama.cpp failed", e) from None
         except (TypeError, jinja2.TemplateError) as e:  # raised inside the GGUF's Jinja chat template (e.g. it concatenates list content)
-            raise InputError(f"{self.text}: its chat template fails on these messages ({_first_line(e)})",
+            raise InputError(f"{self.text}: its chat template fails on these messages ({first_line(e)})",
                              "send the prompt as is with --raw, or use a template that renders image parts") from None
         prompt_done = timer.prompt_done or time.perf_counter()
         timings = Timings(image_encode_ms=timer.encode_ms, images=timer.images,

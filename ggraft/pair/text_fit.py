@@ -25,10 +25,12 @@ from typing import TYPE_CHECKING
 
 import gguf
 
+from .findings import ERROR, INFO
+
 if TYPE_CHECKING:
     from ggraft.gguf_io.gguf_file import GGUFIndex
 
-    from .check import _Pair
+    from .findings import CheckedPair
 
 K = gguf.Keys
 DEEPSTACK_FC1 = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.V_DS_FC1] + ".weight"
@@ -49,12 +51,21 @@ NEEDS_MROPE: dict[str, tuple[str, ...]] = {
     "qwen3vl_merger": ("qwen3vl", "qwen3vlmoe", "qwen35", "qwen35moe", "qwen4exp"),  # conversion/qwen3vl.py 16,
     # 280-306, 353-378; conversion/qwen.py 652-660; conversion/qwen4exp.py 16-26
     "ling3vl": ("bailingmoe3",),             # conversion/bailingmoe3.py 198-222 (always writes rope sections)
+    "glm4v": ("glm4", "glm4moe"),  # conversion/glm.py 17-29, 89-108, 111; conversion/base.py 1497-1503
     "paddleocr": ("paddleocr",),                                              # conversion/ernie.py 160-168
+    "hunyuanvl": ("hunyuan_vl",),  # conversion/hunyuan.py 330-360; 1-D positions abort mtmd (mtmd.cpp:1531)
 }
 
 #: text architectures that read DeepStack features, from ``{arch}.n_deepstack_layers``
 DEEPSTACK_ARCHS = ("qwen3vl", "qwen3vlmoe")
 DEEPSTACK_PROJECTOR = "qwen3vl_merger"
+#: text architectures that read DeepStack slices by ``{arch}.deepstack_mapping`` (one slice index per
+#: layer, -1 for none; the count is the distinct indices: src/models/granite.cpp 13-22,
+#: granite-swa.cpp 22-31), and the projector whose mmproj appends one slice per ``clip.vision.feature_layer``
+#: entry after the first (clip.cpp clip_n_mmproj_embd: projector blocks x projection_dim)
+MAPPED_DEEPSTACK_ARCHS = ("granite", "granite_swa")
+MAPPED_DEEPSTACK_PROJECTOR = "granite4_vision"
+FEATURE_LAYER = "clip.vision.feature_layer"  # clip-impl.h KEY_FEATURE_LAYERS; not in gguf-py 0.19
 
 
 def _number(value, kind: type = int):
@@ -77,22 +88,25 @@ def text_rope(t: GGUFIndex, arch: str) -> str | None:
 
 def text_deepstack(t: GGUFIndex, arch: str) -> int:
     """How many DeepStack slices llama.cpp's graph for ``arch`` reads from each input embedding."""
+    if arch in MAPPED_DEEPSTACK_ARCHS:
+        mapping = _number(t.value(f"{arch}.deepstack_mapping"), list)
+        return len({i for i in mapping if isinstance(i, int) and not isinstance(i, bool) and i >= 0})
     return _number(t.value(K.LLM.NUM_DEEPSTACK_LAYERS.format(arch=arch))) if arch in DEEPSTACK_ARCHS else 0
 
 
 def mmproj_deepstack(m: GGUFIndex, projector: str | None) -> int:
     """How many DeepStack features the mmproj appends per image token, counted as clip.cpp does."""
+    if projector == MAPPED_DEEPSTACK_PROJECTOR:
+        return max(len(_number(m.value(FEATURE_LAYER), list)) - 1, 0)
     if projector != DEEPSTACK_PROJECTOR:
         return 0
     blocks = _number(m.value(K.ClipVision.BLOCK_COUNT))
     return sum(m.tensor(DEEPSTACK_FC1.format(bid=i)) is not None for i in range(blocks))
 
 
-def text_architecture_fit(p: _Pair) -> None:
+def text_architecture_fit(p: CheckedPair) -> None:
     """One finding when the text architecture cannot take the mmproj (error, with every reason),
     or says why it can when positions or DeepStack are at stake (info)."""
-    from .check import ERROR, INFO
-
     if p.projector is None:
         return
     arch = p.text.value(K.General.ARCHITECTURE, "")
@@ -104,9 +118,10 @@ def text_architecture_fit(p: _Pair) -> None:
         reasons.append(f"llama.cpp runs {arch!r} with 1-D RoPE, so image tokens get consecutive positions, while "
                        f"every text model llama.cpp pairs with a {p.projector!r} mmproj "
                        f"({', '.join(NEEDS_MROPE[p.projector])}) reads them at (t, h, w) grid positions (M-RoPE)")
-    if provided and arch not in DEEPSTACK_ARCHS:
+    readers = MAPPED_DEEPSTACK_ARCHS if p.projector == MAPPED_DEEPSTACK_PROJECTOR else DEEPSTACK_ARCHS
+    if provided and arch not in readers:
         reasons.append(f"the mmproj appends {provided} DeepStack feature(s) to each image embedding but {arch!r} "
-                       f"does not read DeepStack features (only {', '.join(DEEPSTACK_ARCHS)} do): it would take "
+                       f"does not read DeepStack features (only {', '.join(readers)} do): it would take "
                        "them as part of one embedding")
     elif provided != read:
         reasons.append(f"{arch!r} with n_deepstack_layers = {read} reads {read} DeepStack slice(s) of each image "

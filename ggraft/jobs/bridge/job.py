@@ -18,10 +18,11 @@ import gguf
 import numpy as np
 
 from ggraft.errors import IncompatibleError, InputError, UnsupportedModelError
-from ggraft.gguf_io import gguf_file, output
+from ggraft.gguf_io import gguf_file, output, output_types
 from ggraft.gguf_io.gguf_file import GGUFIndex
 from ggraft.jobs.graft import family_of, header_sha256
-from ggraft.pair.check import CheckReport, check_pair, projector_type, text_width
+from ggraft.pair.check import CheckReport, check_pair
+from ggraft.pair.headers import projector_type, text_width
 from .fit import FitScores, LinearMap, fit_map, held_out_first
 from .last_layer import LastLayer, last_layer, output_width
 from .tables import TOKEN_EMBD, TextModel, embedding_rows, open_text_model
@@ -80,7 +81,7 @@ def bridge(mmproj: str | Path, donor_text: str | Path, text: str | Path, out: st
     try:
         donor = convert(converter, work / "donor-f32.gguf", "f32")
         return _bridge(donor, mmproj.resolve().name, Path(donor_text), Path(text), out,
-                       qtype or output.OUTTYPES["f16"], force)
+                       qtype or output.OUTTYPES[output_types.DEFAULT], force)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -5,8 +5,8 @@ Read from the graphs of the llama.cpp that llama-cpp-python 0.3.36 vendors
 optional, in its ``load_tensors``).  A bridge composes its map ``y = M x + b`` with that layer:
 ``W' = M W`` and ``b' = M a + b`` (``a``: the layer's own bias), so the mmproj computes exactly
 ``M (donor output) + b``.  Where llama.cpp's graph adds no bias after the layer, the map is fitted
-through the origin (``b = 0``).  Every projector type ggraft converts has a row here or in
-``NOT_LINEAR``; any other type is refused.
+through the origin (``b = 0``).  Every projector type ggraft converts has a row here, in
+``NOT_LINEAR`` or in ``NOT_PROVEN``; any other type is refused.
 """
 from __future__ import annotations
 
@@ -74,6 +74,10 @@ NOT_LINEAR: dict[str, str] = {
     "gemma3nv": "models/mobilenetv5.cpp ends with an RMS norm after the input projection (Gemma 3n's "
                 "embedding_post_projection_norm), which no change of the projection can move to another space",
 }
+#: projector types ggraft converts whose last layer no bridge test proves yet: refused, not guessed
+NOT_PROVEN: tuple[str, ...] = ("glm4v", "glm5v", "paddleocr", "lightonocr", "janus_pro", "minicpmv4_6",
+                               "granite4_vision", "step3vl", "hunyuanvl", "exaone4_5", "kimik25", "deepseekocr",
+                               "deepseekocr2", "minimax_m3")
 #: clamp bounds clip.cpp applies to gemma4v's output after the product (clip.cpp load_tensors, gemma4v)
 OUTPUT_CLAMPS = (".output_min", ".output_max")
 
@@ -84,6 +88,9 @@ def last_layer(m: GGUFIndex, projector: str) -> LastLayer:
     if projector in NOT_LINEAR:
         raise UnsupportedModelError(f"{m.path}: projector type {projector!r} does not end with a linear layer: "
                                     f"{NOT_LINEAR[projector]}")
+    if projector in NOT_PROVEN:
+        raise UnsupportedModelError(f"{m.path}: ggraft bridge does not take {projector!r} mmprojs yet (no test "
+                                    f"proves its last layer); it takes {', '.join(sorted(LAST_LINEAR))}")
     layer = LAST_LINEAR.get(projector)
     if layer is None:
         raise UnsupportedModelError(f"{m.path}: projector type {projector!r}: ggraft bridge knows the last layer of "

@@ -19,7 +19,7 @@ import numpy as np
 from ggraft.errors import InputError
 from ggraft.gguf_io import numeric
 from ggraft.gguf_io.gguf_file import GGUFIndex
-from ggraft.pair.check import text_shards
+from ggraft.pair.headers import text_shards
 
 K = gguf.Keys
 TOKEN_EMBD = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.TOKEN_EMBD] + ".weight"

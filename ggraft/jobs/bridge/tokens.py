@@ -20,7 +20,7 @@ import numpy as np
 
 from ggraft.errors import InputError
 from ggraft.gguf_io.gguf_file import GGUFIndex
-from ggraft.pair.check import BYTE_TO_UNICODE
+from ggraft.pair.vocab import BYTE_TO_UNICODE
 
 K = gguf.Keys.Tokenizer
 SPACE_MARK = "▁".encode()

@@ -18,10 +18,10 @@ from ggraft import __version__
 from ggraft.errors import InputError
 from ggraft.gguf_io import output
 from ggraft.gguf_io.gguf_file import GGUFIndex, TensorInfo
-from ggraft.jobs.graft import writable
+from ggraft.jobs.graft import REENCODE_HINT, writable
 from ggraft.mmproj import writer as mmproj
 from ggraft.mmproj.converter import Lazy, in_memory
-from ggraft.pair.requirements_fit import refuse_unloadable
+from ggraft.mmproj.requirements_fit import refuse_unloadable
 from .fit import LinearMap
 from .last_layer import LastLayer, composed_bias, composed_weight
 
@@ -91,7 +91,7 @@ def _own_type(m: GGUFIndex, t: TensorInfo, shape: tuple[int, ...], qtype: Q | No
         return mmproj.tensor_type(t.name, shape, t.tensor_type if t.tensor_type in output.FILE_TYPES else Q.F16)
     if not writable(t.tensor_type):
         raise InputError(f"{m.path}: tensor {t.name} is {t.tensor_type.name}, which gguf-py cannot write back",
-                         hint="pass --outtype f16 (or f32, bf16, q8_0) to re-encode the donor's tensors")
+                         hint=REENCODE_HINT)
     return t.tensor_type
 
 

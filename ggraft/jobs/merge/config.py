@@ -33,14 +33,12 @@ from typing import Any, Mapping
 import yaml
 
 from ggraft.errors import InputError
+from ggraft.gguf_io import output_types
 from .forms import (TEXT, FormReader, ModuleSpec, describe_all, describe_module, describe_slices, read_models,
                     read_modules, read_slices)
 from .methods import MergeMethod, Settings
 from .parameters import Setting, describe
 
-#: mergekit's dtype names (and ggraft's) -> output type
-DTYPES = {"float32": "f32", "fp32": "f32", "f32": "f32", "float16": "f16", "fp16": "f16", "f16": "f16",
-          "bfloat16": "bf16", "bf16": "bf16", "q8_0": "q8_0"}
 TOP_KEYS = ("merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype", "out_dtype", "seed",
             "metadata_source", "vision_source")
 FORMS = ("models", "slices", "modules")
@@ -206,10 +204,11 @@ def _outtype(r: FormReader, data: dict) -> str | None:
     outtype = None
     for key in ("dtype", "out_dtype"):  # out_dtype, mergekit's output type, wins
         if data.get(key) is not None:
-            value = str(data[key]).lower()
-            if value not in DTYPES:
-                raise r.fail(f"{key} {data[key]!r} is not supported; use float32, float16 or bfloat16")
-            outtype = DTYPES[value]
+            named = output_types.by_spelling(str(data[key]).lower())
+            if named is None:
+                mergekit_names = output_types.listed(t.dtype for t in output_types.OUTPUT_TYPES if t.dtype)
+                raise r.fail(f"{key} {data[key]!r} is not supported; use {mergekit_names}")
+            outtype = named.name
     return outtype
 
 

@@ -34,9 +34,9 @@ import gguf
 import numpy as np
 
 from ggraft import __version__
-from ggraft.gguf_io import gguf_file, numeric
+from ggraft.gguf_io import gguf_file, numeric, output_types
 from ggraft.errors import InputError
-from ggraft.gguf_io.output import FILE_TYPES, OUTTYPES, PROVENANCE_PREFIX, atomic_path, check_output, parse_outtype, progress_bar
+from ggraft.gguf_io.output import FILE_TYPES, PROVENANCE_PREFIX, atomic_path, check_output, parse_outtype, progress_bar
 from .buffers import Scratch
 from .config import MergeConfig, ModelSpec
 from .forms import TEXT
@@ -52,8 +52,6 @@ NATIVE = (Q.F32, Q.F16)  # no gguf-py dequantization step
 #: Linux's default fault_around_bytes: a page fault maps the aligned 64 KiB block around it, so
 #: reading a chunk's first rows maps again up to 64 KiB of rows before them, already released
 FAULT_AROUND = 64 << 10
-#: general.file_type of the base -> default output type
-DEFAULT_OUTTYPES = {int(FILE_TYPES[q]): name for name, q in OUTTYPES.items()}
 #: keys not copied from the base: written by the writer, or describing the output anew
 NOT_COPIED = (gguf.Keys.General.ARCHITECTURE, gguf.Keys.General.FILE_TYPE,
               gguf.Keys.General.QUANTIZATION_VERSION, "general.base_model.")
@@ -205,8 +203,9 @@ def metadata_reference(config: MergeConfig) -> str:
 
 
 def default_outtype(index: gguf_file.GGUFIndex) -> str:
-    """The base model's own type when it is one ggraft writes, else f16."""
-    return DEFAULT_OUTTYPES.get(index.value(gguf.Keys.General.FILE_TYPE, -1), "f16")
+    """The base model's own type when it is one ggraft writes, else the default (f16)."""
+    own = output_types.by_file_type(index.value(gguf.Keys.General.FILE_TYPE, -1))
+    return own.name if own else output_types.DEFAULT
 
 
 def tensor_type(shape: tuple[int, ...], outtype: Q, stored: Q, keeps_f32: bool) -> Q:

@@ -12,8 +12,10 @@ from typing import Any
 
 import gguf
 
-from .gguf_file import GGUFIndex, scan_gguf
+from ggraft.gguf_io.gguf_file import GGUFIndex, scan_gguf
 from ggraft.gguf_io.output import PROVENANCE_PREFIX
+from ggraft.pair.headers import projection_width, projector_type
+from ggraft.pair.libmtmd import llama_cpp_knows
 
 K = gguf.Keys
 TEXT_KEYS = ("context_length", "embedding_length", "feed_forward_length", "block_count",
@@ -69,8 +71,6 @@ def _clip_widths(index: GGUFIndex) -> dict[str, Any]:
 
 
 def _projector(index: GGUFIndex) -> dict[str, Any]:
-    from ggraft.pair.check import llama_cpp_knows, projection_width, projector_type
-
     proj = projector_type(index)
     width, source = projection_width(index, proj)
     return {"type": proj, "known_to_llama_cpp": llama_cpp_knows(proj) if proj else None,

@@ -142,6 +142,10 @@ def scale_factor(default: int) -> Key:
     return Key(CV.Projector.SCALE_FACTOR, u32, symbol="M", default=default)
 
 
+def vit_merger(part: str, *shape: int | str, kind: str = "weight", need: str = REQUIRED) -> Tensor:
+    return Tensor(f"v.vit_merger.{part}.{kind}", shape, need)  # clip-impl.h TN_VIT_MERGER_* (gguf-py 0.19 has none)
+
+
 def spatial_merge(default: int) -> Key:
     return Key(CV.SPATIAL_MERGE_SIZE, u32, symbol="M", default=default)
 
@@ -239,6 +243,24 @@ PROJECTORS: dict[str, Projector] = {
                 OneOf((FFN,)), *NORMS, DEEPSTACK),
         rules=QWEN_MERGE + (Rule(lambda h: h["H"] * h["D"] == h["E"],
                                  "{H_key} {H} times the head width {D} is not {E_key} {E}"),)),
+    "glm4v": Projector(  # models/glm4v.cpp: two-frame patch conv with bias, post-conv norm and positions
+        # resized to the image (GLM-OCR has neither), fused qkv (GLM-OCR: per-head q/k norms), 2x2 conv merger,
+        # then fc, LayerNorm + GELU and a gated MLP
+        keys=(spatial_merge(2),),
+        tensors=(*QWEN_PATCH, b(MT.V_ENC_EMBD_PATCH, "E", need=REQUIRED), Tensor(TN[MT.V_ENC_EMBD_CLS], need=ABSENT),
+                 w(MT.V_ENC_EMBD_NORM, "E", need=OPTIONAL), b(MT.V_ENC_EMBD_NORM, "E"),
+                 w(MT.V_ENC_EMBD_POS, "E", "Q*Q", need=OPTIONAL), *PRE_POST_LN,
+                 w(MT.V_MM_PATCH_MERGER, "M", "M", "E", "Y"), b(MT.V_MM_PATCH_MERGER, "Y", need=REQUIRED),
+                 w(MT.V_MMPROJ_FC, "Y", "Y"), w(MT.V_MM_POST_NORM, "Y"), b(MT.V_MM_POST_NORM, "Y"),
+                 w(MT.V_MM_GATE, "Y", "X"), b(MT.V_MM_GATE, "X"), w(MT.V_MM_UP, "Y", "X"), b(MT.V_MM_UP, "X"),
+                 w(MT.V_MM_DOWN, "X", "T"), b(MT.V_MM_DOWN, "T")),
+        blocks=(w(MT.V_ENC_ATTN_QKV, "E", "3*E"), b(MT.V_ENC_ATTN_QKV, "3*E"), *ATTN_OUT, OneOf((FFN,)), *NORMS,
+                w(MT.V_ENC_ATTN_Q_NORM, "D", need=OPTIONAL), w(MT.V_ENC_ATTN_K_NORM, "D", need=OPTIONAL)),
+        rules=QWEN_MERGE + (Rule(lambda h: h["H"] * h["D"] == h["E"],
+                                 "{H_key} {H} times the head width {D} is not {E_key} {E}"),
+                            Rule(lambda h: h["D"] % 4 == 0,
+                                 "the head width {D} is not a multiple of 4: llama.cpp's glm4v rope splits each "
+                                 "head in four sections"))),
     "gemma4v": Projector(  # models/gemma4v.cpp: x/y position tables, 2D rope, avg-pool by M, projection
         keys=(scale_factor(3),),
         tensors=(PATCH_CONV, POS_XY, w(MT.V_STD_BIAS, "E", need=OPTIONAL, suffix=""),
@@ -275,4 +297,124 @@ PROJECTORS: dict[str, Projector] = {
         keys=(Key(CV.IMAGE_MIN_PIXELS, u32, REQUIRED), Key(CV.IMAGE_MAX_PIXELS, u32, REQUIRED)),
         tensors=(*SIGLIP_BASE, POS_SQUARE, mm(0, "weight", "E", "X"), mm(0, "bias", "X"), mm(2, "weight", "X", "T"),
                  mm(2, "bias", "T")), blocks=VIT),
+    "paddleocr": Projector(  # models/paddleocr.cpp: positions resized to the image, 2D rope, norm, 2x2 merge, MLP
+        keys=(Key(CV.IMAGE_MIN_PIXELS, u32, REQUIRED), Key(CV.IMAGE_MAX_PIXELS, u32, REQUIRED)),
+        tensors=(*SIGLIP_BASE, POS_SQUARE, w(MT.V_MM_INP_NORM, "E"), b(MT.V_MM_INP_NORM, "E", need=REQUIRED),
+                 mm(1, "weight", "4*E", "X"), mm(1, "bias", "X"), mm(2, "weight", "X", "T"), mm(2, "bias", "T")),
+        blocks=VIT,
+        rules=(Rule(lambda h: h["D"] % 4 == 0, "the head width {D} is not a multiple of 4: llama.cpp's paddleocr "
+                    "rope splits each head in four sections"),)),
+    "granite4_vision": Projector(  # models/granite4-vision.cpp: SigLIP blocks (no CLS), one Window Q-Former
+        # per feature layer (v.proj_blk.<b>.*, b < len(feature_layer); checked here for b = 0), anyres tiles
+        keys=(Key("clip.vision.feature_layer", VT.ARRAY, REQUIRED, "features", item_type=VT.INT32),
+              Key("clip.vision.projector.spatial_offsets", VT.ARRAY, REQUIRED, "offsets", item_type=VT.INT32),
+              Key("clip.vision.projector.query_side", u32, REQUIRED, "Qs"),
+              Key("clip.vision.projector.window_side", u32, REQUIRED, "Ws"),
+              Key("clip.vision.image_grid_pinpoints", VT.ARRAY, REQUIRED, "pinpoints", item_type=VT.INT32)),
+        tensors=(PATCH_CONV, PATCH_BIAS, w(MT.V_ENC_EMBD_POS, "E", "G*G"), Tensor(TN[MT.V_ENC_EMBD_CLS], need=ABSENT),
+                 Tensor("v.image_newline", ("T",)),
+                 *(Tensor(f"v.proj_blk.0.{n}", s) for n, s in (("query", ("E", "Qs*Qs")), ("img_pos", ("E", "Ws*Ws")))),
+                 *(Tensor(f"v.proj_blk.0.{n}.{k}", ("E",)) for n in ("norm", "post_norm", "self_attn_norm",
+                   "cross_attn_norm", "ffn_norm") for k in ("weight", "bias")),
+                 *(Tensor(f"v.proj_blk.0.{n}.weight", ("E", "E")) for n in ("self_attn_q", "self_attn_k", "self_attn_v",
+                   "self_attn_out", "cross_attn_q", "cross_attn_k", "cross_attn_v", "cross_attn_out")),
+                 *(Tensor(f"v.proj_blk.0.{n}.bias", ("E",)) for n in ("self_attn_q", "self_attn_k", "self_attn_v",
+                   "self_attn_out", "cross_attn_q", "cross_attn_k", "cross_attn_v", "cross_attn_out", "ffn_down")),
+                 Tensor("v.proj_blk.0.ffn_up.weight", ("E", "Xq")), Tensor("v.proj_blk.0.ffn_up.bias", ("Xq",)),
+                 Tensor("v.proj_blk.0.ffn_down.weight", ("Xq", "E")),
+                 Tensor("v.proj_blk.0.linear.weight", ("E", "T")), Tensor("v.proj_blk.0.linear.bias", ("T",))),
+        blocks=VIT, rules=FIXED_GRID + (
+            Rule(lambda h: len(h["features"]) > 0 and all(0 <= f < h["N"] for f in h["features"]),
+                 "{features_key} {features} must name blocks 0..{N}-1: the graph asserts it (and needs one)"),
+            Rule(lambda h: len(h["offsets"]) == len(h["features"]),
+                 "{offsets_key} and {features_key} differ in length; llama.cpp refuses the file"),
+            Rule(lambda h: h["E"] % 64 == 0, "{E_key} {E} is not a multiple of the Q-Former's 64-wide heads"),
+            Rule(lambda h: h["Ws"] > 0 and h["Qs"] > 0 and h["G"] % h["Ws"] == 0 and h["Ws"] % h["Qs"] == 0,
+                 "{Ws_key} {Ws} and {Qs_key} {Qs} do not tile the {G}x{G} patch grid in whole windows"),
+            Rule(lambda h: all(o < 0 for o in h["offsets"]) or h["Ws"] == 2 * h["Qs"],
+                 "spatial offsets need {Ws_key} = 2 x {Qs_key}"),
+            Rule(lambda h: len(h["pinpoints"]) >= 2 and all(p > 0 and p % h["S"] == 0 for p in h["pinpoints"]),
+                 "{pinpoints_key} {pinpoints} must be multiples of {S_key} {S}: mtmd tiles the image by them"))),
+    "minicpmv4_6": Projector(  # models/minicpmv.cpp: positions looked up on a 70x70 grid, ViT merger (16x only), 2x2 merger MLP
+        keys=(scale_factor(4),),
+        tensors=(PATCH_CONV, PATCH_BIAS, w(MT.V_ENC_EMBD_POS, "E", 4900), *PRE_POST_LN,
+                 OneOf(((vit_merger("ln1", "E"), vit_merger("ln1", "E", kind="bias"),
+                         *(vit_merger(f"attn_{p}", "E", "E") for p in ("q", "k", "v", "out")),
+                         *(vit_merger(f"attn_{p}", "E", kind="bias", need=OPTIONAL) for p in ("q", "k", "v", "out")),
+                         vit_merger("ds_ln", "4*E"), vit_merger("ds_ln", "4*E", kind="bias"),
+                         vit_merger("ds_ffn_up", "4*E", "X"), vit_merger("ds_ffn_up", "X", kind="bias", need=OPTIONAL),
+                         vit_merger("ds_ffn_down", "X", "E"), vit_merger("ds_ffn_down", "E", kind="bias", need=OPTIONAL)),
+                        ())),
+                 w(MT.V_MM_INP_NORM, "4*E"), b(MT.V_MM_INP_NORM, "4*E"),
+                 w(MT.V_MM_UP, "4*E", "Y"), b(MT.V_MM_UP, "Y"), w(MT.V_MM_DOWN, "Y", "T"), b(MT.V_MM_DOWN, "T")),
+        blocks=(*Q_K_V, *ATTN_OUT, OneOf((FFN, FFN_SWAPPED)), *NORMS),
+        rules=(Rule(lambda h: h["M"] in (2, 4), "{M_key} is {M}; llama.cpp's minicpmv4_6 graph aborts unless it is "
+                    "2 (4x) or 4 (16x)"),
+               Rule(lambda h: h["S"] % max(h["P"] * h["M"], 1) == 0, "{S_key} {S} is not a multiple of {P_key} {P} "
+                    "times the merge factor {M}: llama.cpp's 2x2 merges would leave patch rows out"))),
+    "step3vl": Projector(  # models/step3vl.cpp: positions resized to the image, 2D rope, two 3x3 stride-2
+        # convolutions (mm.0, mm.1), then mm.model.fc
+        keys=(scale_factor(4),),
+        tensors=(PATCH_CONV, PATCH_BIAS, Tensor(TN[MT.V_ENC_EMBD_CLS], need=ABSENT), POS_SQUARE, *PRE_POST_LN,
+                 mm(0, "weight", 3, 3, "E", "X"), mm(0, "bias", "X", need=OPTIONAL), mm(1, "weight", 3, 3, "X", "Y"),
+                 mm(1, "bias", "Y", need=OPTIONAL), Tensor(TN[MT.V_MMPROJ_FC] + ".weight", ("Y", "T"))),
+        blocks=VIT,
+        rules=(Rule(lambda h: h["M"] == 4, "{M_key} is {M}; llama.cpp's step3vl graph downsamples 4x (two stride-2 "
+                    "convolutions) and counts image tokens by this factor"),
+               Rule(lambda h: h["G"] % 4 == 0, "the {G} patches per side are not a multiple of 4: llama.cpp's step3vl "
+                    "graph counts {G}/4 tokens per side where its two stride-2 convolutions make more"),
+               Rule(lambda h: h["D"] % 4 == 0, "the head width {D} is not a multiple of 4: llama.cpp's 2D rope turns "
+                    "pairs in each half of a head"))),
+    "hunyuanvl": Projector(  # models/hunyuanvl.cpp: positions resized to the image, RMSNorm, conv merge by M,
+        # GELU, 1x1 conv, a newline column, fc, begin/end rows, RMSNorm
+        keys=(spatial_merge(2),),
+        tensors=(PATCH_CONV, PATCH_BIAS, POS_SQUARE, *PRE_POST_LN, w(MT.V_MM_PRE_NORM, "E"),
+                 mm(0, "weight", "M", "M", "E", "X"), mm(0, "bias", "X"), mm(2, "weight", 1, 1, "X", "Y"),
+                 mm(2, "bias", "Y"), Tensor(TN[MT.V_ENC_EMBD_IMGNL], ("Y",)), w(MT.V_MMPROJ_FC, "Y", "T"),
+                 b(MT.V_MMPROJ_FC, "T", need=REQUIRED), w(MT.V_MM_POST_NORM, "T"),
+                 Tensor(TN[MT.V_TOK_IMG_BEGIN], ("T",)), Tensor(TN[MT.V_TOK_IMG_END], ("T",)),
+                 Tensor(TN[MT.V_ENC_EMBD_VSEP], ("T",), need=OPTIONAL)),
+        blocks=VIT,
+        rules=(Rule(lambda h: h["M"] == 2, "{M_key} is {M}; llama.cpp counts hunyuanvl image tokens as patches / 2 "
+                    "per side and aborts on any other merge"),)),
+    "exaone4_5": Projector(  # models/exaone4_5.cpp: qwen2.5vl's tower with fused GQA qkv (q | k | v rows)
+        keys=(spatial_merge(2), Key(CV.N_WA_PATTERN, u32),
+              Key(KEYS["Hkv"], u32, REQUIRED, "Hkv", default=1),  # default: only for needed_tensors' minimal file
+              Key(CV.IMAGE_MIN_PIXELS, u32, REQUIRED, "min_px"), Key(CV.IMAGE_MAX_PIXELS, u32, REQUIRED, "max_px"),
+              Key(CV.PROJECTION_DIM, u32, REQUIRED, "T")),  # the windowed path reshapes the output by it
+        tensors=(*QWEN_PATCH, *NO_BIAS_NO_CLASS, *PRE_POST_LN, *MERGER_MLP),
+        blocks=(w(MT.V_ENC_ATTN_QKV, "E", "H*D+2*Hkv*D"), b(MT.V_ENC_ATTN_QKV, "H*D+2*Hkv*D"), *ATTN_OUT,
+                OneOf((FFN, FFN_SWAPPED)), *NORMS),
+        rules=QWEN_MERGE + (Rule(lambda h: h["H"] * h["D"] == h["E"],
+                                 "{H_key} {H} times the head width {D} is not {E_key} {E}"),
+                            Rule(lambda h: h["D"] % 4 == 0, "the head width {D} is not a multiple of 4: llama.cpp's "
+                                 "exaone4_5 rope splits each head in four sections"))),
+    "kimik25": Projector(  # models/kimik25.cpp: 3-D position grid resized bicubically, 2D rope, norm, MxM merge, MLP
+        keys=(scale_factor(1), Key(CV.IMAGE_MIN_PIXELS, u32), Key(CV.IMAGE_MAX_PIXELS, u32)),
+        tensors=(PATCH_CONV, PATCH_BIAS, *PRE_POST_LN, w(MT.V_ENC_EMBD_POS, "E", "Wp", "Hp"),
+                 w(MT.V_MM_INP_NORM, "E"), b(MT.V_MM_INP_NORM, "E", need=REQUIRED),
+                 mm(1, "weight", "E*M*M", "X"), mm(1, "bias", "X"), mm(2, "weight", "X", "T"), mm(2, "bias", "T")),
+        blocks=VIT,
+        rules=MERGE_OVER_ONE + (Rule(lambda h: h["D"] % 4 == 0, "the head width {D} is not a multiple of 4: "
+                                     "llama.cpp's kimik25 2D rope splits each head in four sections"),)),
+    "minimax_m3": Projector(  # models/minimax-m3.cpp: two-frame patch conv, 3D rope ViT, per-patch MLP, 2x2 merge MLP
+        keys=(spatial_merge(2),),
+        tensors=(*QWEN_PATCH, *NO_BIAS_NO_CLASS, *PRE_POST_LN,
+                 Tensor("mm.1.weight", ("E", "X")),
+                 Tensor("mm.1.bias", ("X",)), Tensor("mm.2.weight", ("X", "T")), Tensor("mm.2.bias", ("T",)),
+                 Tensor("mm.merger.fc1.weight", ("T*M*M", "Y")), Tensor("mm.merger.fc1.bias", ("Y",)),
+                 Tensor("mm.merger.fc2.weight", ("Y", "Z")), Tensor("mm.merger.fc2.bias", ("Z",))),
+        blocks=(*Q_K_V, *ATTN_OUT, OneOf((FFN,)), *NORMS),
+        rules=(Rule(lambda h: h["M"] == 2, "{M_key} is {M}; llama.cpp counts minimax_m3 image tokens as 2x2 merges"),)),
 }
+
+#: models/glm4v.cpp runs glm5v too (clip.cpp 1090-1094, loader shared at 2613-2627); clip.cpp 1775-1787 adds a
+#: required SwiGLU clamp (clip-impl.h:66, not in gguf-py 0.19) and token budget, asserted positive by mtmd's
+#: glm5v layout (mtmd-image.cpp:802)
+PROJECTORS["glm5v"] = Projector(
+    keys=(spatial_merge(2), Key("clip.vision.swiglu_clamp", VT.FLOAT32, REQUIRED),
+          Key(CV.IMAGE_MIN_PIXELS, u32, REQUIRED, "min_px"), Key(CV.IMAGE_MAX_PIXELS, u32, REQUIRED, "max_px")),
+    tensors=PROJECTORS["glm4v"].tensors, blocks=PROJECTORS["glm4v"].blocks,
+    rules=PROJECTORS["glm4v"].rules + (
+        Rule(lambda h: h["min_px"] > 0 and h["max_px"] > 0, "{min_px_key} {min_px} and {max_px_key} {max_px}: "
+             "mtmd's glm5v layout needs a positive token budget (it aborts otherwise)"),))
