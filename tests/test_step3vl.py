@@ -1,0 +1,285 @@
+"""Step-3.7 (projector step3vl): every saved layout, every output type, through ``ggraft verify``, and
+one whole tiled image chunk by chunk.
+
+verify feeds an ``image_size`` square image: llama.cpp cuts no tiles (``mtmd-image.cpp``
+``determine_window_size``) and does not resize it, so its one image chunk is the overview, compared
+with transformers' ``get_image_features`` on the same pixels.  The whole-image test takes a
+1008x1008 image: 2x2 tiles of 504 pixels (sides that are whole tiles, so no tile is resized on either
+side) and the overview.  transformers' Step3p7ImageProcessor needs torchvision, which the venv does
+not hold, so its own plan (``_plan_patches``) and token string (``Step3p7Processor.replace_image_token``)
+are used and the crops taken directly.  llama.cpp departs there in two ways no file can compensate
+(``Step3VL.runtime_defects``): the tiles' position table is resampled with antialiasing, and the
+overview is shrunk without; each comparison passes strictly or the defect is named and transformers
+run the runtime's way clears the bar.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import shutil
+
+import gguf
+import numpy as np
+import pytest
+
+from conftest import BARS, assert_one_line_error, conversion_cache, gguf_tensors, record_fidelity, run_cli
+from ggraft.converters.step3vl import Step3VL, Step3VL10B
+from ggraft.gguf_io import gguf_file
+from ggraft.hf.checkpoint import Checkpoint
+from ggraft.jobs.verify import as_rows, compare, load_reference_model, pixel_values, verify
+from ggraft.jobs.verify import test_image as make_image
+from ggraft.mmproj import writer as mmproj
+from ggraft.mmproj.converter import converter_for
+
+Q = gguf.GGMLQuantizationType
+CV = gguf.Keys.ClipVision
+LAYOUTS = ("hf", "hf-hub", "hf-modules")
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+TILE_DEFECT, RESIZE_DEFECT = "step3vl.cpp:19", "mtmd-image.cpp:1392"
+OVERVIEW_TOKENS, TILE_TOKENS = 49, 36  # (588 / 21 / 4)^2, (504 / 21 / 4)^2
+
+
+@pytest.fixture(scope="module")
+def folder():
+    from fixtures import step3vl
+
+    return step3vl.build()
+
+
+@pytest.fixture(scope="module")
+def converted(folder, tmp_path_factory):
+    """``converted(layout, outtype)``: the mmproj, converted once per module."""
+    get = conversion_cache({"step3vl": folder}, tmp_path_factory.mktemp("step3vl"))
+    return lambda layout, outtype: get("step3vl", layout, outtype)
+
+
+_worst: dict[str, object] = {}  # outtype -> the lowest report across layouts
+
+
+@pytest.mark.parametrize("outtype", list(BARS))
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fidelity(layout, outtype, folder, converted):
+    report = verify(folder / layout, converted(layout, outtype), text=folder / "text.gguf")
+    assert report.result is not None, report.problem
+    assert report.bar == BARS[outtype] and report.outtype == outtype
+    assert report.result.tokens == OVERVIEW_TOKENS
+    worst = _worst.get(outtype)
+    if worst is None or report.result.min_cosine < worst.result.min_cosine:
+        _worst[outtype] = report
+        record_fidelity(Step3VL.family, outtype, report)
+    assert report.passed, report  # at the table's own size the runtime uses the stored rows
+
+
+def test_keys_and_tensors(folder, converted):
+    path = converted("hf", "q8_0")
+    r = gguf.GGUFReader(path)
+    v = lambda k: gguf_file.value(r, k)  # noqa: E731
+    assert v(gguf.Keys.Clip.PROJECTOR_TYPE) == "step3vl"
+    assert v(CV.Projector.SCALE_FACTOR) == 4 and v(CV.PREPROC_IMAGE_SIZE) == 3024
+    assert v(CV.IMAGE_SIZE) == 588 and v(CV.PATCH_SIZE) == 21
+    assert v(CV.BLOCK_COUNT) == 2 and v(CV.Attention.HEAD_COUNT) == 2 and v(CV.EMBEDDING_LENGTH) == 64
+    assert v(CV.FEED_FORWARD_LENGTH) == 160 and v(CV.PROJECTION_DIM) == 96
+    assert v(CV.Attention.LAYERNORM_EPS) == pytest.approx(1e-6)
+    assert v(CV.USE_GELU) is None and v(CV.USE_SILU) is None  # quick_gelu: llama.cpp's default
+    assert np.allclose(v(CV.IMAGE_MEAN), IMAGENET_MEAN)  # from preprocessor_config.json
+    t = gguf_tensors(path)
+    assert not any("attn_qkv" in n or "class_embd" in n or "post_ln" in n for n in t)
+    expected = {
+        "v.patch_embd.weight": (Q.F16, (21, 21, 3, 64)), "v.position_embd.weight": (Q.F32, (64, 784)),
+        "v.pre_ln.bias": (Q.F32, (64,)), "v.blk.1.ls1.weight": (Q.F32, (64,)), "v.blk.1.ls2.weight": (Q.F32, (64,)),
+        "v.blk.1.attn_q.weight": (Q.Q8_0, (64, 64)), "v.blk.1.attn_k.bias": (Q.F32, (64,)),
+        "v.blk.1.ffn_up.weight": (Q.Q8_0, (64, 160)), "v.blk.1.ffn_down.weight": (Q.Q8_0, (160, 64)),
+        "mm.0.weight": (Q.F16, (3, 3, 64, 128)), "mm.0.bias": (Q.F32, (128,)),  # convolutions: ggml's im2col
+        "mm.1.weight": (Q.F16, (3, 3, 128, 256)), "mm.1.bias": (Q.F32, (256,)),
+        "mm.model.fc.weight": (Q.Q8_0, (256, 96)),
+    }
+    for name, (qtype, shape) in expected.items():
+        assert (t[name].tensor_type, tuple(int(d) for d in t[name].shape)) == (qtype, shape), name
+    # the hub's fused in_proj is split as stored: q/k already in llama.cpp's rotated-pair order
+    f32 = gguf.GGUFReader(converted("hf", "f32"))
+    in_proj = Checkpoint(folder / "hf").load("vision_model.transformer.resblocks.1.attn.in_proj_weight")
+    assert np.array_equal(gguf_file.tensor_values(f32, "v.blk.1.attn_k.weight"), in_proj[64:128])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS[1:])
+def test_layouts_write_identical_files(layout, converted):
+    """hf-modules holds q/k in transformers' rotate-half order: permuted back, they are the hub's rows."""
+    a, b = gguf_tensors(converted("hf", "f32")), gguf_tensors(converted(layout, "f32"))
+    assert list(a) == list(b)
+    for name in a:
+        assert np.array_equal(np.asarray(a[name].data), np.asarray(b[name].data)), name
+
+
+def llama_chunks(mmproj, text, rgb: np.ndarray, n_embd: int) -> list:
+    """Every chunk llama.cpp makes of one image, in order: a text token's piece, or an image chunk's
+    embeddings (tokens, n_embd)."""
+    from ggraft.pair import engine
+
+    pieces = [str(p) for p in gguf.GGUFReader(text).get_field("tokenizer.ggml.tokens").contents()]
+    model, out = engine.load_text_model(text), []
+    try:
+        with engine.VisionEncoder(mmproj, model) as enc:
+            m = enc._mtmd
+            buf = (ctypes.c_uint8 * rgb.size).from_buffer_copy(np.ascontiguousarray(rgb).tobytes())
+            bitmap, chunks = m.mtmd_bitmap_init(rgb.shape[1], rgb.shape[0], buf), m.mtmd_input_chunks_init()
+            try:
+                part = m.mtmd_input_part(text=None, bitmap=bitmap)
+                parts = (ctypes.POINTER(m.mtmd_input_part) * 1)(ctypes.pointer(part))
+                assert m.mtmd_tokenize_from_parts(enc.ctx, chunks, parts, 1, False) == 0
+                for i in range(m.mtmd_input_chunks_size(chunks)):
+                    chunk = m.mtmd_input_chunks_get(chunks, i)
+                    if m.mtmd_input_chunk_get_type(chunk) == m.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                        assert m.mtmd_encode_chunk(enc.ctx, chunk) == 0
+                        n = m.mtmd_input_chunk_get_n_tokens(chunk)
+                        embd = m.mtmd_get_output_embd(enc.ctx)
+                        out.append(np.ctypeslib.as_array(embd, shape=(n * n_embd,)).reshape(n, n_embd).copy())
+                    else:
+                        n = ctypes.c_size_t()
+                        tokens = m.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
+                        out += [pieces[tokens[j]] for j in range(n.value)]
+            finally:
+                m.mtmd_input_chunks_free(chunks)
+                m.mtmd_bitmap_free(bitmap)
+    finally:
+        engine.free_text_model(model)
+    return out
+
+
+def judged(llama, reference, runtime, bar, defect, conv) -> float:
+    """Strictly at the bar, or the defect is declared and transformers run the runtime's way clears it."""
+    strict = compare(llama, reference).min_cosine
+    if strict < bar:
+        assert any(defect in d.reference for d in conv.runtime_defects), defect
+        assert compare(llama, runtime).min_cosine >= bar
+    return strict
+
+
+def test_whole_tiled_image(folder, converted):
+    """1008x1008: the processor's plan (2x2 tiles of 504, newline after the first row, overview last)
+    and its token string are what llama.cpp builds; each tile and the overview match transformers."""
+    import re
+    from types import SimpleNamespace
+
+    import torch
+    import torch.nn.functional as F
+    from transformers.models.step3p7.image_processing_step3p7 import Step3p7ImageProcessor as Processor
+    from transformers.models.step3p7.processing_step3p7 import Step3p7Processor
+
+    img = make_image(1008, 1008, seed=3)
+    got = llama_chunks(converted("hf", "f32"), folder / "text.gguf", img, 96)
+    conv = converter_for(Checkpoint(folder / "hf"))
+    p = conv.params()
+    planner = SimpleNamespace(max_image_size=3024, _is_extreme_aspect=Processor._is_extreme_aspect)
+    (_, _), (width, height), window, nx, ny, _ = Processor._plan_patches(planner, 1008, 1008, p.image_size, 504)
+    assert (width, height, window, nx, ny) == (1008, 1008, 504, 2, 2)
+    newlines = [col == nx - 1 and row < ny - 1 for row in range(ny) for col in range(nx)]
+    placeholders = SimpleNamespace(patch_feature_placeholder="<im_patch>" * TILE_TOKENS,
+                                   image_feature_placeholder="<im_patch>" * OVERVIEW_TOKENS)
+    text = Step3p7Processor.replace_image_token(placeholders, {"num_local_patches": [nx * ny],
+                                                               "patch_newline_masks": [newlines]}, 0)
+    expected = [f"<{len(run) // len('<im_patch>')} features>" if run.startswith("<im_patch>") else run
+                for run in re.findall(r"(?:<im_patch>)+|<[a-z_]+>", text)]
+    assert [f"<{len(c)} features>" if isinstance(c, np.ndarray) else c for c in got] == expected
+
+    full = pixel_values(img, p.image_mean, p.image_std)  # no tile is resized: crops of the image itself
+    tiles = [full[:, :, y:y + window, x:x + window] for y in range(0, height, window) for x in range(0, width, window)]
+    overview = {aa: F.interpolate(full, size=(p.image_size,) * 2, mode="bilinear", align_corners=False, antialias=aa)
+                for aa in (True, False)}  # the processor antialiases; llama.cpp does not
+    model = load_reference_model(Checkpoint(folder / "hf"))
+    llama = [c for c in got if isinstance(c, np.ndarray)]
+    with torch.no_grad():
+        features = as_rows(model.get_image_features(pixel_values=overview[True], pixel_values_local=torch.cat(tiles),
+                                                    num_local_patches=[len(tiles)]))
+        for i, tile in enumerate(tiles):
+            judged(llama[i], features[i * TILE_TOKENS:(i + 1) * TILE_TOKENS],
+                   as_rows(conv.runtime_reference(model, tile)), BARS["f32"], TILE_DEFECT, conv)
+        judged(llama[-1], features[-OVERVIEW_TOKENS:], as_rows(conv.reference_features(model, overview[False])),
+               BARS["f32"], RESIZE_DEFECT, conv)
+
+
+def _variant(src, dst, vision=None, top=None, preprocessor=None, extra=None):
+    from safetensors.numpy import save_file
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["vision_config"].update(vision or {})
+    cfg.update(top or {})
+    (dst / "config.json").write_text(json.dumps(cfg))
+    if preprocessor:
+        pre = json.loads((dst / "preprocessor_config.json").read_text())
+        (dst / "preprocessor_config.json").write_text(json.dumps({**pre, **preprocessor}))
+    if extra:
+        save_file(extra, dst / "extra.safetensors")
+    return dst
+
+
+@pytest.mark.parametrize("changes,needle", [
+    (dict(vision={"rope_parameters": {"rope_type": "axial", "rope_theta": 20000.0}}), "rope_theta 20000.0"),
+    (dict(vision={"patch_size": 14}), "a 42x42 patch grid"),
+    (dict(vision={"patch_size": 16, "image_size": 512}), "504-pixel tiles"),
+    (dict(vision={"hidden_act": "relu"}), "'relu'"),
+    (dict(top={"projector_bias": True}), "projector_bias"),
+    (dict(preprocessor={"patch_size": 448}), "patch_size 448"),
+])
+def test_inexpressible_config_is_refused(changes, needle, folder, tmp_path):
+    src = _variant(folder / "hf", tmp_path / "ckpt", **changes)
+    res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
+    assert_one_line_error(res, needle)
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_unmappable_tensor_is_named(folder, tmp_path):
+    extra = {"vit_large_projector.bias": np.zeros(96, np.float32)}  # llama.cpp's projector has no bias
+    src = _variant(folder / "hf", tmp_path / "ckpt", extra=extra)
+    res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
+    assert_one_line_error(res, "vit_large_projector.bias")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_step3_vl_10b_config_writes_the_same_file(folder, converted, tmp_path):
+    """StepVLForConditionalGeneration (remote code, no transformers class: untested against a
+    reference) in the hub layout with its config's remote-code keys: the same tensors."""
+    vision = json.loads((folder / "hf" / "config.json").read_text())["vision_config"]
+    renamed = {"width": vision.pop("hidden_size"), "layers": vision.pop("num_hidden_layers"),
+               "heads": vision.pop("num_attention_heads")}
+    src = _variant(folder / "hf", tmp_path / "ckpt", top={"architectures": ["StepVLForConditionalGeneration"],
+                                                          "understand_projector_stride": 2})
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["vision_config"] = {**vision, **renamed}
+    (src / "config.json").write_text(json.dumps(cfg))
+    conv = converter_for(Checkpoint(src))
+    assert type(conv) is Step3VL10B
+    a, b = gguf_tensors(converted("hf", "f32")), gguf_tensors(mmproj.convert(conv, tmp_path / "m.gguf", "f32"))
+    assert list(a) == list(b) and all(np.array_equal(np.asarray(a[n].data), np.asarray(b[n].data)) for n in a)
+    src2 = _variant(src, tmp_path / "stride", top={"understand_projector_stride": 3})
+    assert_one_line_error(run_cli("convert", src2, "-o", tmp_path / "m3.gguf"), "understand_projector_stride 3")
+
+
+def test_check_finds_boundary_tokens_and_warns_of_the_defects(folder, converted):
+    from ggraft.pair.check import check_pair
+
+    report = check_pair(folder / "text.gguf", converted("hf", "f16"))
+    assert report.ok, report.findings
+    boundary = next(f for f in report.findings if f.code == "boundary-tokens")
+    for token in ("<im_start>", "<im_end>", "<patch_start>", "<patch_end>", "<patch_newline>"):
+        assert token in boundary.message, boundary
+    warned = " ".join(f.message for f in report.findings if f.code == "runtime-defect" and f.severity == "warning")
+    assert TILE_DEFECT in warned and RESIZE_DEFECT in warned
+
+
+def test_audit_finds_step3vl_tokens(folder):
+    for source in (folder / "text.gguf", folder / "hf"):
+        data = json.loads(run_cli("audit", source, "--json").stdout)
+        family = next(f for f in data["families"] if f["family"] == "Step3-VL")
+        assert family["found"] == family["expected"] == 6
+        assert any("Step3p7ForConditionalGeneration" in d for d in data["donors"]["Step3-VL"])
+
+
+def test_convert_and_verify_cli(folder, tmp_path):
+    out = tmp_path / "mmproj.gguf"
+    res = run_cli("convert", folder / "hf-hub", "-o", out, "--outtype", "bf16", "--json")
+    assert res.code == 0, res.stderr
+    res = run_cli("verify", folder / "hf-hub", out, "--text", folder / "text.gguf", "--json")
+    data = json.loads(res.stdout)
+    assert res.code == 0 and data["passed"] and data["projector_type"] == "step3vl", res.stderr
+    assert data["result"]["tokens"] == OVERVIEW_TOKENS and data["result"]["min_cosine"] >= BARS["bf16"]
