@@ -161,7 +161,7 @@ class Gemma4Unified(_Gemma4Base):
 
     def params(self) -> VisionParams:
         # no attention: llama.cpp's converter writes 0 heads, which clip.cpp accepts, but ggraft's
-        # requirement check (pair/requirements.py) refuses 0, so one
+        # requirement check (mmproj/requirements.py) refuses 0, so one
         return self.vision_params({}, embedding_length=self.vision_config.get("mm_embed_dim", 3840),
                                   feed_forward_length=0, block_count=0, head_count=1)
 

@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import gguf
 
+from ggraft.errors import InputError, UnsupportedModelError
+from ggraft.hf.config_values import SIDE_MAX
 from ggraft.mmproj.converter import Converter, VisionParams, preprocessing, register
 from ggraft.mmproj.facts import Convention
-from ggraft.errors import UnsupportedModelError
 
 from ._image_norms import GELU_ACTS, SIGLIP_MEAN, SIGLIP_STD
 
@@ -62,7 +63,10 @@ class Idefics3(Converter):
         pre = self.ckpt.preprocessor_config
         if not pre.get("do_image_splitting", True):
             return self.tile_size
-        return int((pre.get("size") or {}).get("longest_edge", self.tile_size))
+        side = int((pre.get("size") or {}).get("longest_edge", self.tile_size))
+        if side > SIDE_MAX:
+            raise InputError(f"preprocessor_config.json: size.longest_edge {side} is not an image side (at most {SIDE_MAX})")
+        return side
 
     def scale_factor(self) -> int:
         scale = self.config.get("scale_factor", 2)

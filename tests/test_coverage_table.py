@@ -49,7 +49,7 @@ def test_named_transformers_classes_exist_in_the_installed_transformers():
 
 
 def test_projector_types_are_known_to_the_installed_llama_cpp():
-    from ggraft.pair.check import llama_cpp_knows
+    from ggraft.pair.libmtmd import llama_cpp_knows
 
     if llama_cpp_knows("mlp") is None:
         pytest.skip("llama-cpp-python's libmtmd not found")
