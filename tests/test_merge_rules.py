@@ -402,10 +402,30 @@ def test_modular_merge_accounts_for_every_tensor_or_refuses(llava_fixture, fx, t
         {"model": str(a), "parameters": {"weight": 1}}, {"model": str(fx / "code"), "parameters": {"weight": 1}}]}}}
     assert_one_line_error(run_cli("merge", write(tmp_path, bad, "bad.yaml"), "-o", tmp_path / "x"),
                           "modules.vision_tower:", "has no vision_tower tensors")
-    gradient = {"merge_method": "linear", "modules": {"vision_tower": {"models": [
-        {"model": str(a), "parameters": {"weight": [1, 0.5]}}]}}}
-    assert_one_line_error(run_cli("merge", write(tmp_path, gradient, "g.yaml"), "-o", tmp_path / "x"),
-                          "weight is a gradient", "vision_tower tensor")
+
+
+def test_gradients_run_across_the_vision_towers_blocks(llava_fixture, tmp_path):
+    """A gradient over the vision tower: block k of n at k/(n-1), numbered as the converter names
+    the blocks for llama.cpp (v.blk.k); the patch, position and class embeddings and the pre-norm
+    at 0, the post-norm and the projector at 1 (mergekit's pre and post weights)."""
+    a = llava_fixture / "hf"
+    b = perturbed_vlm(a, tmp_path / "vlm-b", 4)
+    grad = [0.2, 0.8]
+    cfg = {"merge_method": "linear", "modules": {m: {"models": [
+        {"model": str(a), "parameters": {"weight": grad}}, {"model": str(b), "parameters": {"weight": 1.0}}]}
+        for m in ("vision_tower", "multi_modal_projector")}, "dtype": "float32"}
+    merge(write(tmp_path, cfg), tmp_path / "out")
+    va, vb, out = hf_tensors(a), hf_tensors(b), hf_tensors(tmp_path / "out")
+    blocks = {int(n.split(".layers.")[1].split(".")[0]) for n in va if ".encoder.layers." in n}
+    for name in va:
+        if name.startswith("language_model."):
+            continue
+        if ".encoder.layers." in name:
+            t = int(name.split(".layers.")[1].split(".")[0]) / (len(blocks) - 1)
+        else:
+            t = 0.0 if ("embeddings" in name or "pre_layrnorm" in name) else 1.0
+        w = mergekit_gradient(grad, t)
+        np.testing.assert_allclose(out[name], (w * va[name] + vb[name]) / (w + 1), rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 @pytest.mark.parametrize("text, needle", [
@@ -453,3 +473,79 @@ def test_passthrough_stacks_a_vlms_text_decoder_in_the_modular_form(llava_fixtur
     assert json.loads((tmp_path / "deep" / "config.json").read_text())["text_config"]["num_hidden_layers"] == 3
     model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "deep", dtype=torch.float32)
     assert len(model.model.language_model.layers) == 3
+
+
+# -- VLM configs from mergekit's own examples/ (vlm-linear.yml, vlm-ties.yml), only paths changed --
+
+MERGEKIT_VLM_LINEAR = """models:
+  - model: {instruct}
+  # - model: microsoft/Florence-2-base
+    parameters:
+      weight: 1.0
+  - model: {captioner}
+  # - model: maxiw/Florence-2-ScreenQA-base
+    parameters:
+      weight: 1.0
+merge_method: linear
+dtype: float32
+"""
+MERGEKIT_VLM_TIES = """models:
+  # - model: impactframes/Qwen2-VL-7B-Captioner
+  - model: {captioner}
+    parameters:
+      density: [1, 0.7, 0.1] # density gradient
+      weight: 1.0
+  # - model: Qwen/Qwen2-VL-7B-Instruct
+  - model: {instruct}
+    parameters:
+      density: 0.5
+      weight: [0, 0.3, 0.7, 1] # weight gradient
+merge_method: ties
+# base_model: Qwen/Qwen2-VL-7B-Instruct
+base_model: {instruct}
+parameters:
+  normalize: true
+  int8_mask: true
+dtype: float16
+"""
+
+
+@pytest.fixture(scope="module")
+def qwen2vl_pair(tmp_path_factory):
+    """A tiny Qwen2-VL (the "Instruct") and a fine-tuned copy (the "Captioner") of it."""
+    from fixtures import qwen2vl
+
+    instruct = qwen2vl.build_qwen2() / "hf"
+    return instruct, perturbed_vlm(instruct, tmp_path_factory.mktemp("vlm") / "captioner", 3)
+
+
+def test_mergekit_vlm_linear_example_runs_unchanged(qwen2vl_pair, tmp_path):
+    instruct, captioner = qwen2vl_pair
+    cfg = tmp_path / "vlm-linear.yml"
+    cfg.write_text(MERGEKIT_VLM_LINEAR.format(instruct=instruct, captioner=captioner))
+    res = run_cli("merge", cfg, "-o", tmp_path / "out")
+    assert res.code == 0, res.stderr
+    a, b, out = hf_tensors(instruct), hf_tensors(captioner), hf_tensors(tmp_path / "out")
+    assert sorted(out) == sorted(a)  # every tensor: language model, vision tower and merger alike
+    for name in a:
+        np.testing.assert_allclose(out[name], (a[name] + b[name]) / 2, rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+def test_mergekit_vlm_ties_example_runs_unchanged(qwen2vl_pair, tmp_path):
+    """Gradients of density and weight across the layers of each module, TIES on the whole VLM
+    (the numbers of each rule are checked against numpy above); int8_mask has no effect here."""
+    import torch
+    from transformers import Qwen2VLForConditionalGeneration
+
+    instruct, captioner = qwen2vl_pair
+    cfg = tmp_path / "vlm-ties.yml"
+    cfg.write_text(MERGEKIT_VLM_TIES.format(instruct=instruct, captioner=captioner))
+    res = run_cli("merge", cfg, "-o", tmp_path / "out")
+    assert res.code == 0, res.stderr
+    a, b, out = hf_tensors(instruct), hf_tensors(captioner), hf_tensors(tmp_path / "out")
+    assert sorted(out) == sorted(a) and all(v.dtype == np.float16 for v in out.values())
+    moved = [n for n in a if not np.array_equal(out[n].astype(np.float32), a[n].astype(np.float16).astype(np.float32))]
+    assert any(n.startswith("visual.blocks.") for n in moved) and any(n.startswith("visual.merger.") for n in moved)
+    assert any(n.startswith("model.layers.") for n in moved)  # mergekit's models: every module merged
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    assert all(torch.isfinite(p).all() for p in model.parameters())

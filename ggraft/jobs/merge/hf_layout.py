@@ -48,6 +48,9 @@ class HfInput:
     vision: list[str] = field(default_factory=list)
     rules: tuple[tuple[str, str], ...] = PLAIN
     scratch: Scratch = field(default_factory=Scratch)
+    #: the vision side's canonical names -> the mmproj names its converter gives them (None: skipped)
+    mmproj_names: dict[str, str | None] = field(default_factory=dict)
+    unknown_family: str = ""  # why no converter takes it (see ``converter``)
 
     @property
     def label(self) -> str:
@@ -90,18 +93,26 @@ class HfInput:
         return canonical
 
     @cached_property
+    def converter(self):
+        """The converter of this checkpoint's family, or None when no registered one takes it."""
+        from ggraft.mmproj.converter import converter_for
+
+        try:
+            return converter_for(self.ckpt)
+        except UnsupportedModelError as e:
+            self.unknown_family = e.message
+            return None
+
+    @cached_property
     def modules(self) -> dict[str, dict[str, str]]:
         """mergekit's modules: module -> {canonical name -> saved name}, every tensor in one."""
         out: dict[str, dict[str, str]] = {TEXT: dict(self.backbone), VISION: {}, PROJECTOR: {}}
         if not self.vision:
             return out
-        from ggraft.mmproj.converter import converter_for
-
-        try:
-            conv = converter_for(self.ckpt)
-        except UnsupportedModelError as e:
-            raise InputError(f"{self.label}: its vision side cannot be split into modules: {e.message}",
-                             hint="ggraft knows a family's modules from its converter") from None
+        conv = self.converter
+        if conv is None:
+            raise InputError(f"{self.label}: its vision side cannot be split into modules: {self.unknown_family}",
+                             hint="ggraft knows a family's modules from its converter")
         for name in self.vision:
             canonical = conv.canonical(name)
             if not canonical.startswith(conv.vision_prefixes):
@@ -110,6 +121,7 @@ class HfInput:
                                  f"{', '.join(conv.vision_prefixes)})",
                                  hint="a modular merge accounts for every tensor; ggraft will not drop it")
             mmproj = None if conv.skip(canonical) else conv.rename(canonical)
+            self.mmproj_names[canonical] = mmproj
             out[PROJECTOR if mmproj and mmproj.startswith(PROJECTOR_PREFIX) else VISION][canonical] = name
         return out
 

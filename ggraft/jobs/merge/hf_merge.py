@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
@@ -27,12 +28,13 @@ import yaml
 from ggraft import __version__
 from ggraft.hf.checkpoint import PICKLE_SUFFIXES, INDEX_NAME, read_json
 from ggraft.errors import InputError
+from ggraft.gguf_io import output_types
 from ggraft.gguf_io.output import OUTTYPES, PROVENANCE_PREFIX, atomic_folder, check_output, progress_bar
 from .config import MergeConfig
-from .forms import MODULES, TEXT
+from .forms import MODULES, PROJECTOR, TEXT, VISION, ModuleSpec
 from .hf_layout import CheckpointRows, HfInput
 from .methods import Contribution
-from .naming import HF_TEXT
+from .naming import HF_TEXT, VisionNaming
 from .plan import Layers, Planner, Tensor, TensorPlan
 from .rows import CHUNK_ELEMENTS
 from .safetensors_out import DEFAULT_SHARD_BYTES, OutTensor, file_bytes, write_checkpoint
@@ -40,15 +42,40 @@ from .stream import Workers, encoder, merged_rows, tensor_merge
 
 VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
-#: output type -> (safetensors dtype, config.json dtype name)
-HF_TYPES = {"f32": ("F32", "float32"), "f16": ("F16", "float16"), "bf16": ("BF16", "bfloat16")}
+#: the output types an HF merge writes (those with a safetensors dtype), and those only a GGUF merge writes
+HF_OUTTYPES = tuple(t.name for t in output_types.HF_TYPES)
+GGUF_ONLY = tuple(n for n in output_types.NAMES if n not in HF_OUTTYPES)
 CONFIG_COPY_NAME = "ggraft_merge.yaml"
 NOT_COPIED = ("README.md", INDEX_NAME)
 
 
 def names_of(config: MergeConfig, model: HfInput, module: str) -> dict[str, str]:
-    """A model's tensors of ``module``: canonical name -> saved name."""
-    return model.modules[module] if config.form == "modules" else (model.backbone if module == TEXT else {})
+    """A model's tensors of ``module``: canonical name -> saved name (``slices`` merge the text
+    decoder only)."""
+    if config.form == "modules":
+        return model.modules[module]  # (every tensor of the model in one module, or refused)
+    if module == TEXT:
+        return model.backbone
+    return {} if config.form == "slices" else model.modules[module]
+
+
+def merged_modules(config: MergeConfig, inputs: dict[str, HfInput], source: HfInput) -> dict[str, ModuleSpec]:
+    """The modules a config merges.  ``models`` merge every module with the same models and
+    parameters, as mergekit's ``normalize_config`` makes ``models`` the models of each module:
+    the vision tower and projector too, when every model has them and ggraft knows their family
+    (else they are copied from the metadata source, and a warning says so)."""
+    if config.form != "models" or not source.is_vlm:
+        return dict(config.modules)
+    text = config.modules[TEXT]
+    refs = list(dict.fromkeys(text.refs + [source.label]))
+    lacking = [r for r in refs if not inputs[r].is_vlm]
+    unknown = [r for r in refs if inputs[r].is_vlm and inputs[r].converter is None]
+    if lacking or unknown:
+        why = (f"{', '.join(lacking)} has no vision tower" if lacking
+               else f"no converter of ggraft knows the vision side of {', '.join(unknown)}")
+        config.warnings.append(f"the vision tower and projector are copied from {source.label}, not merged: {why}")
+        return {TEXT: text}
+    return {TEXT: text, **{m: replace(text, name=m) for m in (VISION, PROJECTOR) if source.modules[m]}}
 
 
 def metadata_source(config: MergeConfig, inputs: dict[str, HfInput]) -> HfInput:
@@ -69,15 +96,17 @@ def plan_hf(config: MergeConfig, inputs: dict[str, HfInput], source: HfInput,
             embed_common: bool) -> tuple[dict[str, list[TensorPlan]], Layers | None]:
     """Each merged module's plans (under canonical names), and the output's layers if restacked."""
     merged, layers = {}, None
-    for name in (m for m in MODULES if m in config.modules):
-        module = config.modules[name]
+    modules = merged_modules(config, inputs, source)
+    for name in (m for m in MODULES if m in modules):
+        module = modules[name]
         tables = {ref: {c: tuple(inputs[ref].ckpt.shape(saved)) for c, saved in names_of(config, inputs[ref], name).items()}
                   for ref in dict.fromkeys(module.refs + [source.label])}
         empty = next((ref for ref in module.refs if not tables[ref]), None)
         if empty is not None:
             raise InputError(f"modules.{name}: {empty} has no {name} tensors (it is not a VLM of a family ggraft "
                              "converts)" if name != TEXT else f"{empty}: has no language-model tensors")
-        planner = Planner(config, module, tables, source.label, HF_TEXT if name == TEXT else None,
+        planner = Planner(config, module, tables, source.label,
+                          HF_TEXT if name == TEXT else VisionNaming(source.mmproj_names),
                           VOCAB_TENSORS if name == TEXT else (), embed_common)
         if module.whole_models:
             merged[name] = planner.whole()
@@ -92,9 +121,10 @@ def plan_hf(config: MergeConfig, inputs: dict[str, HfInput], source: HfInput,
 
 
 def default_outtype(source: HfInput) -> str:
-    """The vision source's backbone dtype (f32 when it is not f16/bf16)."""
+    """The vision source's backbone dtype (f32 when it is not one an HF merge writes)."""
     dtype = source.ckpt.entries[next(iter(source.backbone.values()))].dtype
-    return {"F16": "f16", "BF16": "bf16"}.get(dtype, "f32")
+    stored = output_types.by_safetensors(dtype)
+    return stored.name if stored else "f32"
 
 
 def check_folder_output(out: Path, force: bool) -> None:
@@ -116,7 +146,7 @@ def copy_side_files(source: Path, dest: Path, outtype: str, restacked: dict | No
     config = read_json(dest / "config.json", "config.json")
     for key in ("dtype", "torch_dtype"):
         if key in config:
-            config[key] = HF_TYPES[outtype][1]
+            config[key] = output_types.by_name(outtype).dtype
     for section, values in (restacked or {}).items():
         (config if section is None else config[section]).update(values)
     (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -160,9 +190,10 @@ def merge_hf(config: MergeConfig, out: Path, outtype: str | None = None, force: 
     merged, layers = plan_hf(config, inputs, source, embed_common)
     _check_floats(config, inputs, merged)
     outtype = outtype or config.outtype or default_outtype(source)
-    if outtype not in HF_TYPES:
-        raise InputError(f"an HF merge writes f32, f16 or bf16, not {outtype}",
-                         hint="merge the GGUF files instead to get q8_0, or quantize the converted GGUF")
+    if outtype not in HF_OUTTYPES:
+        raise InputError(f"an HF merge writes {output_types.listed(HF_OUTTYPES)}, not {outtype}",
+                         hint=f"merge the GGUF files instead to get {output_types.listed(GGUF_ONLY)}, or quantize "
+                              "the converted GGUF")
     metadata = {"format": "pt", PROVENANCE_PREFIX + "version": __version__,
                 PROVENANCE_PREFIX + "merge_method": config.method.name,
                 PROVENANCE_PREFIX + "merge_config": json.dumps(config.describe(), sort_keys=True)}
@@ -184,7 +215,7 @@ def out_tensors(config: MergeConfig, source: HfInput, merged: dict[str, list[Ten
                 produce, outtype: str) -> list[OutTensor]:
     """The output's tensors in the metadata source's order: merged ones computed, the rest copied
     byte for byte; restacked layers (all of them) where the source's backbone was."""
-    dtype = HF_TYPES[outtype][0]
+    dtype = output_types.by_name(outtype).safetensors
     by_saved = {}
     for module, plans in merged.items():
         if module == TEXT and layers is not None:

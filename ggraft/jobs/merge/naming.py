@@ -70,3 +70,29 @@ class GgufNaming(Naming):
 
 
 HF_TEXT = Naming("model.layers.", ("model.embed_tokens.",))
+
+_T = gguf.MODEL_TENSOR
+#: llama.cpp's names of what comes before a vision tower's blocks (mergekit's pre_weights, t = 0)
+VISION_BEFORE = tuple(gguf.TENSOR_NAMES[t] for t in (_T.V_ENC_EMBD_PATCH, _T.V_ENC_EMBD_POS, _T.V_ENC_EMBD_CLS,
+                                                    _T.V_PRE_NORM))
+VISION_BLOCK = re.compile(re.escape(gguf.TENSOR_NAMES[_T.V_ENC_ATTN_Q].split("{bid}")[0]) + r"(\d+)\.")
+
+
+class VisionNaming(Naming):
+    """A vision module's tensors, numbered as the family's converter names them for llama.cpp
+    (``mmproj``: canonical name -> mmproj name): ``v.blk.N.*`` is layer N of the tower; the patch,
+    position and class embeddings and the pre-norm come before the layers (t = 0 for gradients),
+    everything else after them (t = 1), the projector included, as mergekit's pre and post weights."""
+
+    def __init__(self, mmproj: dict[str, str | None]):
+        self.mmproj = mmproj
+
+    def layer(self, name: str) -> tuple[int, str] | None:
+        m = VISION_BLOCK.match(self.mmproj.get(name) or "")
+        return (int(m[1]), name) if m else None
+
+    def layer_name(self, index: int, rest: str) -> str:
+        raise InputError("slices stack the text decoder's layers only")  # refused earlier, in forms
+
+    def is_embedding(self, name: str) -> bool:
+        return (self.mmproj.get(name) or "").startswith(VISION_BEFORE)
