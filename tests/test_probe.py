@@ -142,6 +142,7 @@ CHATML = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{%
           "{% if p['type'] == 'image' %}IMAGE{% else %}{{ p['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+HY_IMAGE = "<｜hy_place▁holder▁no▁100｜><｜hy_place▁holder▁no▁102｜><｜hy_place▁holder▁no▁101｜>"
 #: fixture, the tokens its vocabulary adds when its folder has no tokenizer, what its hub chat template
 #: writes for an image, and the image features of the family's test image
 FAMILIES = {
@@ -156,6 +157,10 @@ FAMILIES = {
     "qwen3vl": ("qwen3vl", "build_qwen3vl", "TOKENS", QWEN_IMAGE, 12),
     "qwen3.5": ("qwen3vl", "build_qwen35", "TOKENS", QWEN_IMAGE, 12),
     "gemma4": ("gemma4", "build", None, "<|image|>", 72),
+    "glm5v": ("glm5v", "build", None, "<|begin_of_image|><|image|><|end_of_image|>", 12),
+    "exaone4_5": ("exaone4_5", "build", None, "<vision><|image_pad|></vision>", 99),
+    "hunyuanvl": ("hunyuanvl", "build", "TOKENS", HY_IMAGE, 17),
+    "step3vl": ("step3vl", "build", None, "<im_patch>", 49),
 }
 
 
@@ -202,7 +207,7 @@ def test_family_uniform_attention_gives_the_image_share(family):
     model = probe_job.load_model(Checkpoint(folder))
     with torch.no_grad():
         for name, module in model.named_modules():
-            if name.endswith("q_proj"):
+            if name.endswith(("q_proj", "q_b_proj")):  # MLA's query (GLM-5 Next) goes through q_b_proj
                 for tensor in module.parameters():  # Gemma 4's vision q_proj wraps its Linear
                     tensor.zero_()
     report = probe_job.probe(folder, IMAGE, model=model)

@@ -52,7 +52,9 @@ def load_model(ckpt: Checkpoint):
         import transformers
     except ImportError:
         raise InputError("ggraft probe needs torch and transformers", hint="pip install 'ggraft[verify]'") from None
-    cls = getattr(transformers, ckpt.architecture or "", None) or transformers.AutoModelForImageTextToText
+    from ggraft.mmproj.converter import converter_for
+
+    cls = getattr(transformers, converter_for(ckpt).reference_class(), None) or transformers.AutoModelForImageTextToText
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     try:
@@ -244,6 +246,8 @@ def measure(input_ids, attentions, hidden_states, token: int, fraction: float) -
         share = float((rows[..., is_image].sum(-1) / rows.sum(-1)).mean())
         out["text_to_image"].append(share)
         out["normalized"].append(share / uniform)
+    # multi-stream residuals (GLM-5 Next's mHC: (1, seq, streams, hidden)) are compared as their mean
+    hidden_states = [h.mean(-2) if h.dim() == 4 else h for h in hidden_states]
     text = ~is_image
     for before, after in zip(hidden_states[:-1], hidden_states[1:]):
         cos = torch.nn.functional.cosine_similarity(before[0].double(), after[0].double(), dim=-1)
