@@ -30,7 +30,7 @@ import gguf
 from ggraft.errors import InputError
 from ggraft.mmproj.converter import register
 from ggraft.mmproj.facts import Convention, RuntimeDefect
-from ggraft.mmproj.requirements import INT32_MAX, KEYS
+from ggraft.mmproj.requirement_parts import INT32_MAX, KEYS
 from .qwen2vl import LLAMA_MERGE, LLAMA_WINDOW, QKV, T, Qwen25VL
 
 K = gguf.Keys.ClipVision

@@ -32,7 +32,7 @@ import gguf
 
 from ggraft.errors import InputError
 from ggraft.mmproj.converter import VisionParams, register
-from ggraft.mmproj.requirements import INT32_MAX
+from ggraft.mmproj.requirement_parts import INT32_MAX
 from .glm4v import DEFAULTS, GlmOcr
 from .qwen2vl import LLAMA_MERGE
 

@@ -29,7 +29,8 @@ from ggraft.mmproj import writer
 from ggraft.mmproj.converter import converter_for, discover
 from ggraft.pair import engine
 from ggraft.pair.check import check_mmproj, check_pair
-from ggraft.mmproj.requirements import PROJECTORS, REQUIRED, VISION_KEYS, OneOf
+from ggraft.mmproj.requirement_parts import REQUIRED, VISION_KEYS, OneOf
+from ggraft.mmproj.requirements import PROJECTORS
 from ggraft.mmproj.requirements_fit import MmprojHeader, mmproj_problems, needed_tensors
 from ggraft.pair.runtime import Pair
 
@@ -278,6 +279,11 @@ def test_tables_are_consistent(projector):
     if projector in ("idefics3", "lfm2"):
         types[CV.Projector.SCALE_FACTOR] = (VT.UINT32, None)
         shapes = needed_tensors(projector, {**symbols, "M": 2})
+    if projector == "minimax_m3":  # a per-patch MLP to T, then the 2x2 merger MLP to Z
+        shapes = needed_tensors(projector, {**symbols, "M": 2, "Z": 48})
+    if projector == "kimik25":  # its position grid is (E, Wp, Hp), resized to the image
+        types[CV.Projector.SCALE_FACTOR] = (VT.UINT32, None)
+        shapes = needed_tensors(projector, {**symbols, "M": 2, "Wp": 4, "Hp": 4})
     if projector == "granite4_vision":  # 64-wide Q-Former heads; 2x2 windows on the 4x4 grid, 1 query each
         values.update({CV.EMBEDDING_LENGTH: 64, "clip.vision.feature_layer": [1], "clip.vision.image_grid_pinpoints":
                        [32, 32], "clip.vision.projector.spatial_offsets": [-1], "clip.vision.projector.window_side": 2})

@@ -14,8 +14,9 @@ from typing import Any, Callable
 import gguf
 
 from ggraft.errors import UnsupportedModelError
-from .requirements import (ABSENT, EXPECTED, INT32_MAX, KEYS, PROJECTORS, REQUIRED, VISION_KEYS, VISION_RULES, Key,
-                           OneOf, Projector, Tensor)
+from .requirement_parts import (ABSENT, EXPECTED, INT32_MAX, KEYS, REQUIRED, VISION_KEYS, VISION_RULES, Key, OneOf,
+                                Projector, Tensor)
+from .requirements import PROJECTORS
 
 VT = gguf.GGUFValueType
 ERROR, WARNING = "error", "warning"
