@@ -167,6 +167,8 @@ FAMILIES = {
     "exaone4_5": ("exaone4_5", "build", None, "<vision><|image_pad|></vision>", 99),
     "hunyuanvl": ("hunyuanvl", "build", "TOKENS", HY_IMAGE, 17),
     "step3vl": ("step3vl", "build", None, "<im_patch>", 49),
+    "deepseekocr2": ("deepseekocr", "build_ocr2", "SPECIAL", "<image>", 257),
+    "unlimited_ocr": ("deepseekocr", "build_unlimited", "SPECIAL", "<image>", 273),
 }
 
 

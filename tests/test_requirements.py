@@ -288,6 +288,9 @@ def test_tables_are_consistent(projector):
         values.update({CV.EMBEDDING_LENGTH: 64, "clip.vision.feature_layer": [1], "clip.vision.image_grid_pinpoints":
                        [32, 32], "clip.vision.projector.spatial_offsets": [-1], "clip.vision.projector.window_side": 2})
         shapes = needed_tensors(projector, {**symbols, "E": 64, "Qs": 1, "Ws": 2, "Xq": 40, "features": [1]})
+    if projector.startswith("deepseekocr"):  # the SAM width and heads (and deepseekocr2's KV heads) read as 1 here
+        shapes = needed_tensors(projector, {**symbols, "Es": 1, "Hs": 1, "Fs": 24, "R": 4, "C": 8, "C2": 16,
+                                            **({"Hkv": 1} if projector == "deepseekocr2" else {})})
     header = MmprojHeader(types, lambda k: values.get(k, 1), shapes)
     assert [p for p in mmproj_problems(header, projector) if p.severity == "error"] == []
     for name in required_names(projector, set(shapes), symbols["N"]):

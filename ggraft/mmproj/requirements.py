@@ -16,12 +16,37 @@ are checked for every block 0..N-1.  ``requirements_fit`` applies the rules to a
 """
 from __future__ import annotations
 
-from .requirement_parts import (ABSENT, ATTN_OUT, CV, OPTIONAL, REQUIRED, CLASS, DEEPSTACK, FC, FFN, FFN_SWAPPED, FIXED_GRID, IMG_BREAK,
+from .requirement_parts import (ABSENT, ATTN_OUT, CV, EXPECTED, OPTIONAL, REQUIRED, CLASS, DEEPSTACK, FC, FFN, FFN_SWAPPED, FIXED_GRID, IMG_BREAK,
     INPUT_PROJ, INPUT_PROJ_T, KEYS, Key, LLAVA_Q_K_V, LOADED_BLOCK, MERGER_MLP, MERGE_DIVIDES_GRID,
     MERGE_OVER_ONE, MLP_NORM, MLP_PLAIN, MT, NORMS, NO_BIAS_NO_CLASS, OneOf, PATCH_BIAS, PATCH_CONV,
     PIXTRAL_MERGER, PIXTRAL_MLP, POOL_FITS_GRID, POS, POS_CLS, POS_SQUARE, POS_XY, PRE_POST_LN, Projector,
     QWEN_MERGE, QWEN_PATCH, Q_K_V, Rule, SIGLIP_BASE, TN, Tensor, VIT, VIT_SWAPPABLE, VT, b, mm,
     q_k_v_with_bias, scale_factor, spatial_merge, u32, vit_merger, w)
+
+#: DeepSeek-OCR 2 / Unlimited-OCR (clip.cpp load_hparams PROJECTOR_TYPE_DEEPSEEKOCR*): SAM's keys, all required
+SAM_KEYS = (Key(CV.SAM.BLOCK_COUNT, u32, REQUIRED), Key(CV.SAM.HEAD_COUNT, u32, REQUIRED, "Hs"),
+            Key(CV.SAM.EMBEDDING_LENGTH, u32, REQUIRED, "Es"), Key(CV.WINDOW_SIZE, u32, REQUIRED, "window"))
+#: models/deepseekocr.cpp build_sam: 16-pixel patch conv (clip.cpp counts tokens by 16-pixel patches), position
+#: grid, blocks v.sam.blk.<i> (checked here for i = 0), conv neck, two stride-2 convs ending at the encoder's width
+SAM_TOWER = (w(MT.V_SAM_PATCH_EMBD, 16, 16, 3, "Es"), b(MT.V_SAM_PATCH_EMBD, "Es", need=REQUIRED),
+             w(MT.V_SAM_POS_EMBD, "Es", "R", "R"),
+             *(Tensor(TN[t].format(bid=0) + suffix, shape) for t, suffix, shape in (
+                 (MT.V_SAM_ATTN_QKV, ".weight", ("Es", "3*Es")), (MT.V_SAM_ATTN_QKV, ".bias", ("3*Es",)),
+                 (MT.V_SAM_ATTN_OUT, ".weight", ("Es", "Es")), (MT.V_SAM_ATTN_OUT, ".bias", ("Es",)),
+                 (MT.V_SAM_PRE_NORM, ".weight", ("Es",)), (MT.V_SAM_PRE_NORM, ".bias", ("Es",)),
+                 (MT.V_SAM_POST_NORM, ".weight", ("Es",)), (MT.V_SAM_POST_NORM, ".bias", ("Es",)),
+                 (MT.V_SAM_MLP_LIN_1, ".weight", ("Es", "Fs")), (MT.V_SAM_MLP_LIN_1, ".bias", ("Fs",)),
+                 (MT.V_SAM_MLP_LIN_2, ".weight", ("Fs", "Es")), (MT.V_SAM_MLP_LIN_2, ".bias", ("Es",)),
+                 (MT.V_SAM_ATTN_POS_H, ".weight", ("*", "*")), (MT.V_SAM_ATTN_POS_W, ".weight", ("*", "*")))),
+             mm(0, "weight", 1, 1, "Es", "C", table=MT.V_SAM_NECK), mm(1, "weight", "C", table=MT.V_SAM_NECK),
+             mm(1, "bias", "C", table=MT.V_SAM_NECK), mm(2, "weight", 3, 3, "C", "C", table=MT.V_SAM_NECK),
+             mm(3, "weight", "C", table=MT.V_SAM_NECK), mm(3, "bias", "C", table=MT.V_SAM_NECK),
+             w(MT.V_SAM_NET_2, 3, 3, "C", "C2"), w(MT.V_SAM_NET_3, 3, 3, "C2", "E"))
+SAM_RULES = (Rule(lambda h: h["Hs"] > 0 and h["Es"] % h["Hs"] == 0,
+                  "{Es_key} {Es} is not a multiple of {Hs_key} {Hs}: llama.cpp's SAM attention would not fit the width"),
+             Rule(lambda h: h["window"] > 0, "{window_key} is {window}; llama.cpp's SAM windows divide by it"),
+             Rule(lambda h: h["min_tiles"] <= h["max_tiles"] <= 256,
+                  "{min_tiles_key} {min_tiles} and {max_tiles_key} {max_tiles} break clip.cpp's assertion min <= max <= 256"))
 
 PROJECTORS: dict[str, Projector] = {
     "mlp": Projector(  # models/llava.cpp; mm.3 present makes it llama.cpp's mlp_norm (Yi)
@@ -223,6 +248,25 @@ PROJECTORS: dict[str, Projector] = {
                  Tensor("mm.merger.fc2.weight", ("Y", "Z")), Tensor("mm.merger.fc2.bias", ("Z",))),
         blocks=(*Q_K_V, *ATTN_OUT, OneOf((FFN,)), *NORMS),
         rules=(Rule(lambda h: h["M"] == 2, "{M_key} is {M}; llama.cpp counts minimax_m3 image tokens as 2x2 merges"),)),
+    "deepseekocr": Projector(  # clip.cpp PROJECTOR_TYPE_DEEPSEEKOCR, models/deepseekocr.cpp: CLIP over the SAM grid
+        # (CLS, positions, pre-norm), each token's CLIP and SAM features side by side through mm.model.fc, a newline
+        # after each row of tokens (read unconditionally, though loaded as optional) and the view separator
+        keys=SAM_KEYS + (Key(CV.PREPROC_MIN_TILES, u32, symbol="min_tiles", default=2),
+                         Key(CV.PREPROC_MAX_TILES, u32, symbol="max_tiles", default=9)),
+        tensors=(*SAM_TOWER, CLASS, w(MT.V_ENC_EMBD_POS, "E", "*"), w(MT.V_PRE_NORM, "E", need=EXPECTED),
+                 b(MT.V_PRE_NORM, "E"), w(MT.V_MMPROJ_FC, "2*E", "T"), b(MT.V_MMPROJ_FC, "T", need=REQUIRED),
+                 Tensor(TN[MT.V_ENC_EMBD_IMGNL], ("T",)), Tensor(TN[MT.V_ENC_EMBD_VSEP], ("T",))),
+        blocks=VIT, rules=SAM_RULES),
+    "deepseekocr2": Projector(  # clip.cpp PROJECTOR_TYPE_DEEPSEEKOCR2, models/deepseekocr2.cpp: a Qwen2 encoder (GQA:
+        # head_count_kv required) over the SAM grid and 144 or 256 learned queries (clip-impl.h TN_RESMPL_QUERY,
+        # loaded as optional, read unconditionally), the queries' outputs through mm.model.fc, the view separator
+        keys=SAM_KEYS + (Key(KEYS["Hkv"], u32, REQUIRED, "Hkv"),
+                         Key(CV.PREPROC_MIN_TILES, u32, symbol="min_tiles", default=2),
+                         Key(CV.PREPROC_MAX_TILES, u32, symbol="max_tiles", default=6)),
+        tensors=(*SAM_TOWER, Tensor("v.resample_query_768.weight", ("E", 144)),
+                 Tensor("v.resample_query_1024.weight", ("E", 256)), w(MT.V_POST_NORM, "E", need=EXPECTED),
+                 w(MT.V_MMPROJ_FC, "E", "T"), b(MT.V_MMPROJ_FC, "T", need=REQUIRED), Tensor(TN[MT.V_ENC_EMBD_VSEP], ("T",))),
+        blocks=VIT, rules=SAM_RULES),
 }
 
 #: models/glm4v.cpp runs glm5v too (clip.cpp 1090-1094, loader shared at 2613-2627); clip.cpp 1775-1787 adds a

@@ -20,7 +20,7 @@ from .converter import Converter, VisionParams
 #: tensors kept in f32 whatever the output type: embeddings added to activations, the
 #: text-model rows llama.cpp splices in, and every vector (norms, biases, scales; also when
 #: shaped (1, C, 1, 1) to broadcast over feature maps, as ggml's binary ops take no f16 operand)
-KEEP_F32 = ("v.position_embd", "v.class_embd", "v.token_embd.")
+KEEP_F32 = ("v.position_embd", "v.class_embd", "v.token_embd.", "v.sam.pos_embd")
 PATCH_EMBD = "v.patch_embd."
 #: weights llama.cpp's graphs copy transposed (``ggml_cont(ggml_transpose(w))``, gemma3's input
 #: projection): ggml copies a strided view of a block-quantized tensor block by block as if each
@@ -31,13 +31,16 @@ TRANSPOSED_IN_GRAPH = ("mm.input_projection.",)
 #: window positions, ``v.proj_blk.N.query`` / ``.img_pos``, models/granite4-vision.cpp): ggml's CPU
 #: add takes an f32 activation only with an f32 second operand (ggml-cpu/binary-ops.cpp binary_op)
 ADDED_IN_GRAPH = (".query", ".img_pos")
+#: tables llama.cpp's graphs resample with ``ggml_interpolate``, which asserts f32 (ggml.c:5176):
+#: DeepSeek-OCR's SAM relative positions, resized for tiles (models/deepseekocr.cpp get_rel_pos)
+RESAMPLED_IN_GRAPH = (".attn.pos_h.weight", ".attn.pos_w.weight")
 #: the image tokens (and their ids) a converted mmproj expects, written by convert and graft
 IMAGE_TOKENS_KEY, IMAGE_TOKEN_IDS_KEY = PROVENANCE_PREFIX + "image_tokens", PROVENANCE_PREFIX + "image_token_ids"
 
 
 def tensor_type(name: str, shape: tuple[int, ...], outtype: Q) -> Q:
     """The one dtype policy for mmproj tensors (see the module docstring)."""
-    if sum(d > 1 for d in shape) < 2 or name.startswith(KEEP_F32) or name.endswith((".bias", *ADDED_IN_GRAPH)):
+    if sum(d > 1 for d in shape) < 2 or name.startswith(KEEP_F32) or name.endswith((".bias", *ADDED_IN_GRAPH, *RESAMPLED_IN_GRAPH)):
         return Q.F32
     if name.startswith(PATCH_EMBD) or len(shape) > 2:  # a convolution kernel: ggml's take f32 or f16,
         # and a depthwise one (one input channel per group) only f16: ggml_conv_2d_dw builds an f16 im2col
