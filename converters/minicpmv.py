@@ -162,10 +162,10 @@ class MiniCPMV46(Converter):
             gguf_name = f"{NAMES[SWAPPED[m['part']]].format(bid=m['bid'])}.{m['kind']}"  # clip.cpp swaps them back
         yield gguf_name, tensor
 
-    def reference_features(self, model, pixel_values):
+    def model_inputs(self, pixel_values):
         """One image (1, 3, H, W) as transformers' processor packs it: patches in raster order, its grid."""
         import torch
 
         p = self.params().patch_size
-        sizes = torch.tensor([[pixel_values.shape[2] // p, pixel_values.shape[3] // p]])
-        return model.get_image_features(pixel_values=pixel_values, target_sizes=sizes)
+        return {"pixel_values": pixel_values,
+                "target_sizes": torch.tensor([[pixel_values.shape[2] // p, pixel_values.shape[3] // p]])}

@@ -135,9 +135,9 @@ class PaddleOCR(Converter):
         x = pixel_values[0].reshape(3, gh, p, gw, p).permute(1, 3, 0, 2, 4).reshape(gh * gw, 3, p, p)
         return x.contiguous(), torch.tensor([[1, gh, gw]])
 
-    def reference_features(self, model, pixel_values):
+    def model_inputs(self, pixel_values):
         flat, grid_thw = self.patches(pixel_values)
-        return model.get_image_features(pixel_values=flat, image_grid_thw=grid_thw)
+        return {"pixel_values": flat, "image_grid_thw": grid_thw}
 
     def runtime_reference(self, model, pixel_values):
         """transformers with the position table resampled the way llama.cpp does (antialiased

@@ -157,6 +157,8 @@ FAMILIES = {
     "qwen3vl": ("qwen3vl", "build_qwen3vl", "TOKENS", QWEN_IMAGE, 12),
     "qwen3.5": ("qwen3vl", "build_qwen35", "TOKENS", QWEN_IMAGE, 12),
     "gemma4": ("gemma4", "build", None, "<|image|>", 72),
+    "paddleocr": ("paddleocr", "build", None, "<|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>", 16),
+    "minicpmv4_6": ("minicpmv", "build", None, "<image></image>", 16),  # the processor fills <unk> between
     "glm4v": ("glm4v", "build", None, "<|image|>", 12),
     "glm-ocr": ("glm4v", "build_ocr", None, "<|image|>", 12),
     "lightonocr": ("lightonocr", "build", None, "<|image_pad|>", 12),
