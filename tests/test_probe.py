@@ -143,8 +143,9 @@ CHATML = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{%
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 HY_IMAGE = "<｜hy_place▁holder▁no▁100｜><｜hy_place▁holder▁no▁102｜><｜hy_place▁holder▁no▁101｜>"
-#: fixture, the tokens its vocabulary adds when its folder has no tokenizer, what its hub chat template
-#: writes for an image, and the image features of the family's test image
+#: fixture, the tokens its vocabulary adds when its folder has no tokenizer (an attribute of the fixture
+#: module, or (module, attribute)), what its hub chat template writes for an image, the image features
+#: of the family's test image, and the layout probed when not hf/
 FAMILIES = {
     "llava": ("llava", "build", None, "<image>", 16),
     "gemma3": ("gemma3", "build", None, "<start_of_image>", 16),
@@ -157,6 +158,8 @@ FAMILIES = {
     "qwen3vl": ("qwen3vl", "build_qwen3vl", "TOKENS", QWEN_IMAGE, 12),
     "qwen3.5": ("qwen3vl", "build_qwen35", "TOKENS", QWEN_IMAGE, 12),
     "gemma4": ("gemma4", "build", None, "<|image|>", 72),
+    # Qwen3-Omni: a thinker-only save (the full model keeps the image token in thinker_config); Qwen3-VL's vocabulary
+    "qwen3omni": ("qwen_extras", "build_qwen3omni", ("qwen3vl", "TOKENS"), QWEN_IMAGE, 12, "hf-thinker"),
     "paddleocr": ("paddleocr", "build", None, "<|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>", 16),
     "minicpmv4_6": ("minicpmv", "build", None, "<image></image>", 16),  # the processor fills <unk> between
     "glm4v": ("glm4v", "build", None, "<|image|>", 12),
@@ -188,11 +191,12 @@ def family_copy(tmp_path, name, hf, tokens, image):
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request, tmp_path_factory):
-    module, builder, tokens, image, n_features = FAMILIES[request.param]
+    module, builder, tokens, image, n_features, *layout = FAMILIES[request.param]
     fixture = importlib.import_module(f"fixtures.{module}")
-    hf = getattr(fixture, builder)() / "hf"
-    folder = family_copy(tmp_path_factory.mktemp("probe"), request.param, hf,
-                         getattr(fixture, tokens) if tokens else None, image)
+    hf = getattr(fixture, builder)() / (layout[0] if layout else "hf")
+    vocab = getattr(importlib.import_module(f"fixtures.{tokens[0]}"), tokens[1]) if isinstance(tokens, tuple) \
+        else getattr(fixture, tokens) if tokens else None
+    folder = family_copy(tmp_path_factory.mktemp("probe"), request.param, hf, vocab, image)
     return folder, n_features
 
 
