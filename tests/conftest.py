@@ -9,6 +9,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -100,6 +101,104 @@ def record_fidelity(family: str, outtype: str, report) -> None:
             "runtime_note": report.runtime_note,
             "runtime_min_cosine": report.runtime_result.min_cosine if report.runtime_result else None}
     (FIDELITY_RESULTS / f"{family}-{outtype}.json").write_text(json.dumps(data, indent=1))
+
+
+_WORST: dict[tuple[str, str], float] = {}  # (family, outtype) -> the lowest cosine recorded
+
+
+def assert_fidelity(family: str, outtype: str, report, *, tokens: int | None = None,
+                    image_size: tuple[int, int] | None = None, defect: str | None = None,
+                    context: object = None) -> None:
+    """What every family's fidelity test asserts of a ``VerifyReport``: a result, ``outtype``'s bar,
+    the expected token count and image size; the worst report per (family, outtype) is recorded
+    for the README's table. Then the file passes strictly or, where ``defect`` (a llama.cpp
+    file:line) is given, that runtime defect is named and transformers run the runtime's way
+    clears the bar."""
+    assert report.result is not None, (context, report.problem)
+    assert report.bar == BARS[outtype] and report.outtype == outtype, (context, report)
+    if tokens is not None:
+        assert report.result.tokens == tokens, (context, report.result)
+    if image_size is not None:
+        assert report.image_size == image_size, (context, report.image_size)
+    if report.result.min_cosine < _WORST.get((family, outtype), float("inf")):
+        _WORST[family, outtype] = report.result.min_cosine
+        record_fidelity(family, outtype, report)
+    if defect is None or report.passed:
+        assert report.passed, (context, report.result)
+    else:
+        assert report.runtime_note and defect in report.runtime_note, (context, report)
+        assert report.runtime_result.min_cosine >= BARS[outtype], (context, report.runtime_result)
+
+
+def family_fixtures(build: Callable[[], Path], name: str):
+    """The module fixtures of a one-fixture family test: ``folder`` (``build()``, once per module)
+    and ``converted(layout, outtype)`` (its mmproj, converted once per key). Use as
+    ``folder, converted = family_fixtures(lambda: exaone4_5.build(), "exaone4_5")``."""
+
+    @pytest.fixture(scope="module", name="folder")
+    def folder_fixture() -> Path:
+        return build()
+
+    @pytest.fixture(scope="module", name="converted")
+    def converted_fixture(folder, tmp_path_factory):
+        get = conversion_cache({name: folder}, tmp_path_factory.mktemp(name))
+        return lambda layout, outtype: get(name, layout, outtype)
+
+    return folder_fixture, converted_fixture
+
+
+def families_fixtures(builds: dict[str, Callable[[], Path]], name: str):
+    """The same for a test module of several fixtures: ``fixture_dirs`` ({family: folder}) and
+    ``converted(family, layout, outtype)``."""
+
+    @pytest.fixture(scope="module", name="fixture_dirs")
+    def dirs_fixture() -> dict[str, Path]:
+        return {family: build() for family, build in builds.items()}
+
+    @pytest.fixture(scope="module", name="converted")
+    def converted_fixture(fixture_dirs, tmp_path_factory):
+        return conversion_cache(fixture_dirs, tmp_path_factory.mktemp(name))
+
+    return dirs_fixture, converted_fixture
+
+
+def assert_same_tensors(a: Path, b: Path, ordered: bool = False) -> None:
+    """Two GGUF files hold the same tensors, byte for byte (in the same order when ``ordered``)."""
+    import numpy as np
+
+    ta, tb = gguf_tensors(a), gguf_tensors(b)
+    assert (list(ta) == list(tb)) if ordered else (sorted(ta) == sorted(tb)), (a, b)
+    for n in ta:
+        assert ta[n].tensor_type == tb[n].tensor_type, n
+        assert np.array_equal(np.asarray(ta[n].data), np.asarray(tb[n].data)), n
+
+
+def config_variant(src: Path, dst: Path, vision: dict | None = None, preprocessor: dict | None = None,
+                   extra: dict | None = None, **top) -> Path:
+    """A copy of checkpoint ``src`` at ``dst`` with ``vision_config`` entries, preprocessor_config.json
+    entries and top-level config entries changed (``None`` removes one), and ``extra`` tensors
+    ({name: array}) saved beside the weights."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    for file, section, changes in (("config.json", "vision_config", vision), ("config.json", None, top),
+                                   ("preprocessor_config.json", None, preprocessor)):
+        if not changes:
+            continue
+        data = json.loads((dst / file).read_text())
+        target = data.setdefault(section, {}) if section else data
+        for k, v in changes.items():
+            if v is None:
+                target.pop(k, None)
+            else:
+                target[k] = v
+        (dst / file).write_text(json.dumps(data))
+    if extra:
+        from safetensors.numpy import save_file
+
+        save_file(extra, dst / "extra.safetensors")
+    return dst
 
 
 def conversion_cache(fixture_dirs: dict[str, Path], out_dir: Path):

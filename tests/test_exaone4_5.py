@@ -20,7 +20,9 @@ import gguf
 import numpy as np
 import pytest
 
-from conftest import BARS, assert_one_line_error, conversion_cache, gguf_tensors, record_fidelity, run_cli
+from conftest import (BARS, assert_fidelity, assert_one_line_error, assert_same_tensors, config_variant,
+                      family_fixtures, gguf_tensors, run_cli)
+from fixtures import exaone4_5
 from ggraft.gguf_io import gguf_file
 from ggraft.hf.checkpoint import Checkpoint
 from ggraft.jobs.verify import verify
@@ -34,35 +36,15 @@ TOKENS = 99  # 9 x 11 merged tokens
 DEFECT = "clip.cpp:4957"
 
 
-@pytest.fixture(scope="module")
-def folder():
-    from fixtures import exaone4_5
-
-    return exaone4_5.build()
-
-
-@pytest.fixture(scope="module")
-def converted(folder, tmp_path_factory):
-    """``converted(layout, outtype)``: the mmproj, converted once per module."""
-    get = conversion_cache({"exaone4_5": folder}, tmp_path_factory.mktemp("exaone4_5"))
-    return lambda layout, outtype: get("exaone4_5", layout, outtype)
-
-
-_worst: dict[str, object] = {}  # outtype -> the lowest report across layouts
+folder, converted = family_fixtures(lambda: exaone4_5.build(), "exaone4_5")
 
 
 @pytest.mark.parametrize("outtype", list(BARS))
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_fidelity(layout, outtype, folder, converted):
     report = verify(folder / layout, converted(layout, outtype), text=folder / "text.gguf")
-    assert report.result is not None, report.problem
-    assert report.bar == BARS[outtype] and report.outtype == outtype
-    assert report.image_size == (126, 154) and report.result.tokens == TOKENS
-    worst = _worst.get(outtype)
-    if worst is None or report.result.min_cosine < worst.result.min_cosine:
-        _worst[outtype] = report
-        record_fidelity("exaone4_5", outtype, report)
-    assert report.passed, report.result  # 112-pixel windows: no runtime defect applies
+    # 112-pixel windows: no runtime defect applies
+    assert_fidelity("exaone4_5", outtype, report, tokens=TOKENS, image_size=(126, 154))
 
 
 def test_keys_and_tensors(folder, converted):
@@ -95,10 +77,7 @@ def test_keys_and_tensors(folder, converted):
 
 @pytest.mark.parametrize("layout", LAYOUTS[1:])
 def test_layouts_write_identical_files(layout, converted):
-    a, b = gguf_tensors(converted("hf", "f32")), gguf_tensors(converted(layout, "f32"))
-    assert sorted(a) == sorted(b)
-    for name in a:
-        assert np.array_equal(np.asarray(a[name].data), np.asarray(b[name].data)), name
+    assert_same_tensors(converted("hf", "f32"), converted(layout, "f32"))
 
 
 def test_test_image_exercises_the_windows(folder):
@@ -123,7 +102,6 @@ def test_window_size_llama_cpp_ignores_is_named(tmp_path):
     """56-pixel windows: the file records them, llama.cpp's exaone4_5 runtime attends within 112-pixel
     windows anyway; verify fails the bar and names that, and the file matches transformers run with
     112-pixel windows.  check warns of it for this file only."""
-    from fixtures import exaone4_5
     from ggraft.pair.check import check_pair
 
     folder = exaone4_5.build(window_size=56)
@@ -140,7 +118,6 @@ def test_window_size_llama_cpp_ignores_is_named(tmp_path):
 def test_ffn_as_wide_as_the_tower_is_written_swapped(tmp_path):
     """intermediate_size == hidden_size: clip.cpp swaps ffn_up and ffn_down back (its fix for old
     files), so the converter writes them swapped and the file passes; written as they are, it fails."""
-    from fixtures import exaone4_5
     from ggraft.converters.exaone4_5 import Exaone45
 
     folder = exaone4_5.build(intermediate_size=64)
@@ -171,14 +148,6 @@ def test_transformers_5_processor_size_gives_the_pixel_limits(folder, tmp_path):
     assert (extra[CV.IMAGE_MIN_PIXELS], extra[CV.IMAGE_MAX_PIXELS]) == (6272, 401408)
 
 
-def _with_config(src, dst, **vision_changes):
-    shutil.copytree(src, dst)
-    cfg = json.loads((dst / "config.json").read_text())
-    cfg["vision_config"].update(vision_changes)
-    (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
-
-
 @pytest.mark.parametrize("changes,needle", [
     ({"fullatt_block_indexes": [0]}, "fullatt_block_indexes [0] is not periodic"),
     ({"rope_parameters": {"rope_type": "axial", "rope_theta": 20000.0}}, "rope_theta 20000.0"),
@@ -194,7 +163,7 @@ def test_inexpressible_config_is_refused(changes, needle, folder):
 
 
 def test_refusal_is_one_line(folder, tmp_path):
-    src = _with_config(folder / "hf", tmp_path / "ckpt", fullatt_block_indexes=[0, 1])
+    src = config_variant(folder / "hf", tmp_path / "ckpt", vision={"fullatt_block_indexes": [0, 1]})
     res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
     assert_one_line_error(res, "Exaone4_5_ForConditionalGeneration", "fullatt_block_indexes [0, 1] is not periodic")
     assert not (tmp_path / "m.gguf").exists()
