@@ -167,6 +167,11 @@ class Granite4Vision(Converter):
         s, pins = self.params().image_size, settings(self.config)[1]["image_grid_pinpoints"]
         return (s, s) if [s, s] in [list(p) for p in pins] else tuple(pins[0])
 
+    def model_inputs(self, pixel_values):
+        """The processor's anyres layout of the image (base image and tiles, image_sizes): what the
+        forward reads (probe); verify compares through ``reference_features``."""
+        return self.processor_inputs(pixel_values)
+
     def reference_features(self, model, pixel_values):
         """transformers' features for the overview and the tiles of an image the size of a pinpoint
         (the overview resized with Pillow's bicubic filter, as llama.cpp's resize_pillow and the

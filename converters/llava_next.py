@@ -136,6 +136,11 @@ class LlavaNext(LlavaClip):
     def runtime_note(self):
         return "; ".join(f"{d.summary} ({d.reference})" for d in LlavaClip.runtime_defects)
 
+    def model_inputs(self, pixel_values):
+        """The processor's anyres layout of the image (base image and tiles, image_sizes): what the
+        forward reads (probe); verify compares through ``reference_features``."""
+        return self.processor_inputs(pixel_values)
+
     def reference_features(self, model, pixel_values):
         """transformers' embeddings of the base image: the first rows of ``get_image_features`` for
         an image of the tower's size (its anyres tiles are the same pixels, as the processor makes them)."""

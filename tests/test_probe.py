@@ -160,6 +160,13 @@ FAMILIES = {
     "gemma4": ("gemma4", "build", None, "<|image|>", 72),
     # Qwen3-Omni: a thinker-only save (the full model keeps the image token in thinker_config); Qwen3-VL's vocabulary
     "qwen3omni": ("qwen_extras", "build_qwen3omni", ("qwen3vl", "TOKENS"), QWEN_IMAGE, 12, "hf-thinker"),
+    # the whole model (thinker and talker; probe reads the thinker, its image token in thinker_config)
+    "qwen3omni-whole": ("qwen_extras", "build_qwen3omni", ("qwen3vl", "TOKENS"), QWEN_IMAGE, 12),
+    # anyres: the processor's base image, tiles (unpadded) and newline rows
+    "llava_next": ("llava_next", "build", None, "<image>", 78),
+    "llava_onevision": ("llava_next", "build_onevision", None, "<image>", 105),
+    "llava_next_granite": ("llava_next", "build_granite", None, "<image>", 112),
+    "granite4_vision": ("granite4_vision", "build", None, "<image>", 78),
     "paddleocr": ("paddleocr", "build", None, "<|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>", 16),
     "minicpmv4_6": ("minicpmv", "build", None, "<image></image>", 16),  # the processor fills <unk> between
     "glm4v": ("glm4v", "build", None, "<|image|>", 12),

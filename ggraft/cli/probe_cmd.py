@@ -38,10 +38,9 @@ def probe(
     convolutions show as —), Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 (full-attention layers), Step-3.7,
     HunyuanOCR, EXAONE 4.5, GLM-5 Next (its MLA layers; multi-stream residuals compared as their mean),
     GLM-4V, GLM-OCR, LightOnOCR, Janus-Pro, Kimi-K2.5, MiniMax-M3, PaddleOCR-VL, MiniCPM-V 4.6 (the
-    overview), Qwen3-Omni's thinker (a thinker-only save). Not yet: LLaVA-NeXT / OneVision and Granite 4
-    Vision (their forward wants anyres tiles), the whole Qwen3-Omni model (its image token sits in
-    thinker_config). Not:
-    Llama 4 (transformers 5.24's forward fails, modeling_llama4.py:1318), Gemma 3n (needs timm).
+    overview), LLaVA-NeXT, LLaVA-OneVision and Granite 4 Vision (anyres tiles from the checkpoint's own
+    image processor), Qwen3-Omni (whole or thinker-only; the thinker is probed). Not: Llama 4
+    (transformers 5.24's forward fails, modeling_llama4.py:1318), Gemma 3n (needs timm).
     Needs the verify extra (torch, transformers); --plot the plot extra (matplotlib)."""
     from ggraft.jobs import probe as probe_job
 

@@ -47,24 +47,20 @@ class ProbeReport:
 
 
 def load_model(ckpt: Checkpoint):
-    try:
-        import torch
-        import transformers
-    except ImportError:
-        raise InputError("ggraft probe needs torch and transformers", hint="pip install 'ggraft[verify]'") from None
+    """The checkpoint in transformers, with eager attention (which returns attention weights)."""
+    from ggraft.jobs.verify import load_reference_model
     from ggraft.mmproj.converter import converter_for
 
-    cls = getattr(transformers, converter_for(ckpt).reference_class(), None) or transformers.AutoModelForImageTextToText
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    try:
-        return cls.from_pretrained(ckpt.path, dtype=torch.float32, attn_implementation="eager").eval()
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise InputError(f"{ckpt.path}: transformers cannot load this checkpoint ({first})") from None
+    return load_reference_model(ckpt, converter_for(ckpt).reference_class(), attn_implementation="eager")
+
+
+def language_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The config of the part that reads the image: an omni model's thinker, else the model's."""
+    return config.get("thinker_config") or config
 
 
 def image_token_id(config: dict[str, Any]) -> int:
+    config = language_config(config)
     for key in ("image_token_id", "image_token_index"):
         if isinstance(config.get(key), int):
             return config[key]
@@ -86,12 +82,16 @@ def chat_template(ckpt: Checkpoint) -> str | None:
     return None
 
 
-def render_prompt(ckpt: Checkpoint, prompt: str) -> str:
+def language_model(model):
+    """The module whose forward reads the image: an omni model's thinker, else the model."""
+    return getattr(model, "thinker", model)
+
+
+def render_prompt(ckpt: Checkpoint, prompt: str, template: str | None) -> str:
     """One user turn (an image, then ``prompt``) through the checkpoint's chat template, with the
     generation prompt; LLaVA's plain ``USER: <image>...ASSISTANT:`` when it carries none.  The image
     part is transformers' ``{"type": "image"}``, or llama.cpp's ``image_url`` for templates that
     only know that one."""
-    template = chat_template(ckpt)
     if template is None:
         return FALLBACK_TEMPLATE.format(prompt=prompt)
     from ggraft.pair.chat_template import render_user_turn
@@ -144,7 +144,7 @@ class Tokenizer:
         names = sorted((t for t in self.added if t), key=len, reverse=True)
         start = 0
         while start < len(text):
-            hit = min(((text.find(t, start), -len(t), t) for t in names if text.find(t, start) >= 0), default=None)
+            hit = min(((at, -len(t), t) for t in names if (at := text.find(t, start)) >= 0), default=None)
             end = hit[0] if hit else len(text)
             if end > start:
                 ids += self._encode(text[start:end])
@@ -181,11 +181,13 @@ def build_inputs(ckpt: Checkpoint, image: Path, prompt: str, model) -> dict[str,
     conv = converter_for(ckpt)
     token = image_token_id(ckpt.config)
     pv = pixel_values(load_image(image, *conv.test_image_size()), conv.params().image_mean, conv.params().image_std)
-    with torch.no_grad():  # the tower alone, to count the features: a fraction of the forward
-        n_image = as_rows(conv.reference_features(model, pv)).shape[0]
+    images = conv.model_inputs(pv)
+    with torch.no_grad():  # the tower alone, to count the features the forward scatters: a fraction of it
+        n_image = as_rows(language_model(model).get_image_features(**images)).shape[0]
     tok = Tokenizer(ckpt)
-    text = render_prompt(ckpt, prompt)
-    ids = ([] if chat_template(ckpt) else [b for b in [bos_id(ckpt)] if b is not None])
+    template = chat_template(ckpt)
+    text = render_prompt(ckpt, prompt, template)
+    ids = [] if template else [b for b in [bos_id(ckpt)] if b is not None]
     if IMAGE_SLOT in text:
         before, after = text.split(IMAGE_SLOT, 1)
         ids += tok.encode(before) + [token] + tok.encode(after)
@@ -196,15 +198,16 @@ def build_inputs(ckpt: Checkpoint, image: Path, prompt: str, model) -> dict[str,
     if ids[-1] == token:
         raise InputError("the prompt's chat template puts no text after the image")
     inputs = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
-              **conv.model_inputs(pv)}
+              **images}
     for mask in ("token_type_ids", "mm_token_type_ids"):  # families that mark image positions so
-        if mask in inspect.signature(model.forward).parameters:
+        if mask in inspect.signature(language_model(model).forward).parameters:
             inputs[mask] = (inputs["input_ids"] == token).long()
     return inputs
 
 
 def bos_id(ckpt: Checkpoint) -> int | None:
-    bos = (ckpt.config.get("text_config") or {}).get("bos_token_id", ckpt.config.get("bos_token_id"))
+    config = language_config(ckpt.config)
+    bos = (config.get("text_config") or {}).get("bos_token_id", config.get("bos_token_id"))
     return bos if isinstance(bos, int) else None
 
 
@@ -299,14 +302,14 @@ def probe(hf_dir: str | Path, image: str | Path, prompt: str = DEFAULT_PROMPT,
     inputs = build_inputs(ckpt, image, prompt, model)
     with torch.no_grad():
         try:
-            result = model(**inputs, output_attentions=True, output_hidden_states=True, return_dict=True)
+            result = language_model(model)(**inputs, output_attentions=True, output_hidden_states=True, return_dict=True)
         except (AttributeError, RuntimeError, ValueError, TypeError, IndexError) as e:
             raise InputError(f"{ckpt.architecture}: transformers' forward failed ({type(e).__name__}: "
                              f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
     if not result.attentions:
         raise InputError(f"{ckpt.architecture}: transformers returned no attention weights")
     attentions = per_layer(list(result.attentions), len(result.hidden_states) - 1,
-                           (ckpt.config.get("text_config") or ckpt.config).get("layer_types"))
+                           (language_config(ckpt.config).get("text_config") or ckpt.config).get("layer_types"))
     numbers = measure(inputs["input_ids"], attentions, result.hidden_states, image_token_id(ckpt.config), fraction)
     return ProbeReport(checkpoint=str(ckpt.path), architecture=ckpt.architecture, fraction=fraction, **numbers)
 

@@ -100,6 +100,8 @@ def as_rows(features: Any) -> np.ndarray:
     """transformers' image features (tensor, list of tensors or a ModelOutput) as (tokens, dim)."""
     if hasattr(features, "pooler_output") and features.pooler_output is not None:
         features = features.pooler_output
+    elif getattr(features, "deepstack_features", None):  # (LLM layer, per-image rows) pairs: one layer's rows
+        features = features.deepstack_features[0][1]
     if isinstance(features, (list, tuple)):
         features = [f.reshape(-1, f.shape[-1]) for f in features]
         import torch
@@ -108,19 +110,26 @@ def as_rows(features: Any) -> np.ndarray:
     return features.detach().float().reshape(-1, features.shape[-1]).cpu().numpy()
 
 
-def load_reference_model(ckpt: Checkpoint, class_name: str | None = None):
+def load_reference_model(ckpt: Checkpoint, class_name: str | None = None, attn_implementation: str | None = None):
+    """The checkpoint in transformers (float32, eval): ``class_name`` or its architecture's class;
+    ``attn_implementation="eager"`` where attention weights are wanted (probe)."""
     try:
         import torch
         import transformers
     except ImportError:
-        raise InputError("ggraft verify needs torch and transformers", hint="pip install 'ggraft[verify]'") from None
+        raise InputError("verify and probe need torch and transformers", hint="pip install 'ggraft[verify]'") from None
     class_name = class_name or ckpt.architecture
     cls = getattr(transformers, class_name, None)
     if cls is None:
         raise InputError(f"the installed transformers {transformers.__version__} has no {class_name}")
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    return cls.from_pretrained(ckpt.path, dtype=torch.float32).eval()
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    try:
+        return cls.from_pretrained(ckpt.path, dtype=torch.float32, **extra).eval()
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise InputError(f"{ckpt.path}: transformers cannot load this checkpoint ({first})") from None
 
 
 def pixel_values(img: np.ndarray, mean: list[float], std: list[float]):

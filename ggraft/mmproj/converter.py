@@ -163,6 +163,18 @@ class Converter:
         ``pixel_values`` (1, 3, H, W), laid out as the family's processor lays out one image."""
         return {"pixel_values": pixel_values}
 
+    def processor_inputs(self, pixel_values: Any) -> dict[str, Any]:
+        """The image ``pixel_values`` holds, through the checkpoint's own transformers image processor:
+        ``model_inputs`` of families whose processor tiles (anyres) in ways one tensor cannot show."""
+        from PIL import Image
+        from transformers import AutoImageProcessor
+
+        p = self.params()
+        mean, std = (np.asarray(x, np.float32)[:, None, None] for x in (p.image_mean, p.image_std))
+        rgb = np.clip(np.rint((pixel_values[0].numpy() * std + mean) * 255), 0, 255).astype(np.uint8)
+        processor = AutoImageProcessor.from_pretrained(self.ckpt.path)
+        return dict(processor(images=Image.fromarray(rgb.transpose(1, 2, 0)), return_tensors="pt"))
+
     def reference_features(self, model: Any, pixel_values: Any) -> Any:
         """transformers' image features for ``pixel_values`` (1, 3, H, W), one row per image token
         the language model reads; used by verify and probe."""
