@@ -158,13 +158,25 @@ class VisionEncoder:
             raise EngineError(f"{mmproj}: llama.cpp refused the mmproj: {log_reason('unknown reason')}")
 
     def encode(self, rgb: np.ndarray, n_embd: int) -> np.ndarray:
-        """Embeddings (n_tokens, n_embd) for an RGB uint8 image of shape (H, W, 3)."""
+        """Embeddings (n_tokens, n_embd) of the first image chunk of an RGB uint8 image (H, W, 3):
+        the whole image for families that do not tile."""
+        images = [c for kind, c in self.encode_chunks(rgb, n_embd, first_image_only=True) if kind == "image"]
+        if not images:
+            raise EngineError("llama.cpp produced no image chunk")
+        return images[0]
+
+    def encode_chunks(self, rgb: np.ndarray, n_embd: int,
+                      first_image_only: bool = False) -> list[tuple[str, np.ndarray]]:
+        """Every chunk mtmd makes of one image, in the order it feeds them to the model: ("image",
+        embeddings (n_tokens, n_embd)) for tiles, slices and views, ("text", token ids) for the
+        markers between them."""
         m = self._mtmd
         rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
         h, w, _ = rgb.shape
         buf = (ctypes.c_uint8 * rgb.size).from_buffer_copy(rgb.tobytes())
         bitmap = m.mtmd_bitmap_init(w, h, buf)
         chunks = m.mtmd_input_chunks_init()
+        out: list[tuple[str, np.ndarray]] = []
         try:
             part = m.mtmd_input_part(text=None, bitmap=bitmap)
             parts = (ctypes.POINTER(m.mtmd_input_part) * 1)(ctypes.pointer(part))
@@ -173,14 +185,19 @@ class VisionEncoder:
                 raise EngineError(f"llama.cpp could not prepare the image: {log_reason('tokenize failed')}")
             for i in range(m.mtmd_input_chunks_size(chunks)):
                 chunk = m.mtmd_input_chunks_get(chunks, i)
+                n_tokens = m.mtmd_input_chunk_get_n_tokens(chunk)
                 if m.mtmd_input_chunk_get_type(chunk) != m.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                    size = ctypes.c_size_t()
+                    ids = m.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(size))
+                    out.append(("text", np.array(ids[:size.value], dtype=np.int32)))
                     continue
                 if m.mtmd_encode_chunk(self.ctx, chunk) != 0:
                     raise EngineError(f"llama.cpp could not encode the image: {log_reason('encode failed')}")
-                n_tokens = m.mtmd_input_chunk_get_n_tokens(chunk)
-                out = m.mtmd_get_output_embd(self.ctx)
-                return np.ctypeslib.as_array(out, shape=(n_tokens * n_embd,)).reshape(n_tokens, n_embd).copy()
-            raise EngineError("llama.cpp produced no image chunk")
+                embd = m.mtmd_get_output_embd(self.ctx)
+                out.append(("image", np.ctypeslib.as_array(embd, shape=(n_tokens * n_embd,)).reshape(n_tokens, n_embd).copy()))
+                if first_image_only:
+                    break
+            return out
         finally:
             m.mtmd_input_chunks_free(chunks)
             m.mtmd_bitmap_free(bitmap)
