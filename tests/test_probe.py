@@ -167,6 +167,8 @@ FAMILIES = {
     "llava_onevision": ("llava_next", "build_onevision", None, "<image>", 105),
     "llava_next_granite": ("llava_next", "build_granite", None, "<image>", 112),
     "granite4_vision": ("granite4_vision", "build", None, "<image>", 78),
+    # transformers 5.24's wrapper fails after its text model ran (modeling_llama4.py:1318): probe reads the text model's output
+    "llama4": ("llama4", "build", None, "<|image|>", 16),
     "paddleocr": ("paddleocr", "build", None, "<|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>", 16),
     "minicpmv4_6": ("minicpmv", "build", None, "<image></image>", 16),  # the processor fills <unk> between
     "glm4v": ("glm4v", "build", None, "<|image|>", 12),
@@ -238,17 +240,25 @@ def test_family_uniform_attention_gives_the_image_share(family):
             assert normalized == pytest.approx(1.0, abs=1e-5)
 
 
-def test_llama4_is_probed_or_named(tmp_path):
-    """transformers 5.24's Llama4ForConditionalGeneration.forward reads ``image_outputs`` from its
-    text model's output, which has none (modeling_llama4.py:1318): probe says so in one line."""
-    from fixtures import llama4
+def test_forward_failing_after_its_text_model_gives_the_text_models_output(hf_dir, model, monkeypatch):
+    """A wrapper that raises AttributeError after its text model ran (Llama 4 in transformers 5.24,
+    modeling_llama4.py:1318) is probed from its text model's output; a failure before it is one line."""
+    expected = probe_job.probe(hf_dir, IMAGE, model=model)
+    forward = type(model).forward
 
-    folder = family_copy(tmp_path, "llama4", llama4.build() / "hf", None, "<|image|>")
-    r = run_cli("probe", folder, "--image", IMAGE, "--json")
-    if r.code == 0:  # a fixed transformers
-        assert json.loads(r.stdout)["image_tokens"] == 16
-    else:
-        assert r.code == 2 and "forward failed" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    def broken_after(self, *args, **kwargs):
+        forward(self, *args, **kwargs)
+        raise AttributeError("'CausalLMOutputWithPast' object has no attribute 'image_outputs'")
+
+    monkeypatch.setattr(type(model), "forward", broken_after)
+    assert probe_job.probe(hf_dir, IMAGE, model=model).text_to_image == pytest.approx(expected.text_to_image)
+
+    def broken_before(self, *args, **kwargs):
+        raise AttributeError("no vision tower")
+
+    monkeypatch.setattr(type(model), "forward", broken_before)
+    with pytest.raises(InputError, match="forward failed"):
+        probe_job.probe(hf_dir, IMAGE, model=model)
 
 
 def test_template_without_image_slot_is_refused(hf_dir, tmp_path):

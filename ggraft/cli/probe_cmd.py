@@ -39,8 +39,9 @@ def probe(
     HunyuanOCR, EXAONE 4.5, GLM-5 Next (its MLA layers; multi-stream residuals compared as their mean),
     GLM-4V, GLM-OCR, LightOnOCR, Janus-Pro, Kimi-K2.5, MiniMax-M3, PaddleOCR-VL, MiniCPM-V 4.6 (the
     overview), LLaVA-NeXT, LLaVA-OneVision and Granite 4 Vision (anyres tiles from the checkpoint's own
-    image processor), Qwen3-Omni (whole or thinker-only; the thinker is probed). Not: Llama 4
-    (transformers 5.24's forward fails, modeling_llama4.py:1318), Gemma 3n (needs timm).
+    image processor), Qwen3-Omni (whole or thinker-only; the thinker is probed), Llama 4 (transformers
+    5.24's wrapper fails after its text model ran, modeling_llama4.py:1318: probe reads the text model's
+    output). Not: Gemma 3n (its tower needs timm).
     Needs the verify extra (torch, transformers); --plot the plot extra (matplotlib)."""
     from ggraft.jobs import probe as probe_job
 

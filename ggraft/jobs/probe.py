@@ -300,18 +300,38 @@ def probe(hf_dir: str | Path, image: str | Path, prompt: str = DEFAULT_PROMPT,
     image_token_id(ckpt.config)  # refused before the model loads
     model = model if model is not None else load_model(ckpt)
     inputs = build_inputs(ckpt, image, prompt, model)
-    with torch.no_grad():
-        try:
-            result = language_model(model)(**inputs, output_attentions=True, output_hidden_states=True, return_dict=True)
-        except (AttributeError, RuntimeError, ValueError, TypeError, IndexError) as e:
-            raise InputError(f"{ckpt.architecture}: transformers' forward failed ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
+    result = forward(language_model(model), inputs, ckpt.architecture)
     if not result.attentions:
         raise InputError(f"{ckpt.architecture}: transformers returned no attention weights")
     attentions = per_layer(list(result.attentions), len(result.hidden_states) - 1,
                            (language_config(ckpt.config).get("text_config") or ckpt.config).get("layer_types"))
     numbers = measure(inputs["input_ids"], attentions, result.hidden_states, image_token_id(ckpt.config), fraction)
     return ProbeReport(checkpoint=str(ckpt.path), architecture=ckpt.architecture, fraction=fraction, **numbers)
+
+
+def forward(model, inputs: dict[str, Any], architecture: str):
+    """One forward pass with attention weights and hidden states. Where the wrapper fails after its
+    text model ran, that text model's output (it holds both): Llama 4 in transformers 5.24, whose
+    forward reads ``image_outputs`` from a text-model output that has none (modeling_llama4.py:1318)."""
+    import torch
+
+    ran = []
+    text_model = model.get_decoder() if hasattr(model, "get_decoder") else None
+    hook = text_model.register_forward_hook(lambda _m, _a, out: ran.append(out)) \
+        if isinstance(text_model, torch.nn.Module) else None
+    try:
+        with torch.no_grad():
+            return model(**inputs, output_attentions=True, output_hidden_states=True, return_dict=True)
+    except AttributeError as e:
+        if ran and getattr(ran[-1], "attentions", None) and getattr(ran[-1], "hidden_states", None):
+            return ran[-1]
+        raise InputError(f"{architecture}: transformers' forward failed (AttributeError: {str(e)[:160]})") from None
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        raise InputError(f"{architecture}: transformers' forward failed ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
+    finally:
+        if hook is not None:
+            hook.remove()
 
 
 def plotting():

@@ -102,6 +102,8 @@ def as_rows(features: Any) -> np.ndarray:
         features = features.pooler_output
     elif getattr(features, "deepstack_features", None):  # (LLM layer, per-image rows) pairs: one layer's rows
         features = features.deepstack_features[0][1]
+    elif getattr(features, "last_hidden_state", None) is not None:  # projected by the forward (Llama 4)
+        features = features.last_hidden_state
     if isinstance(features, (list, tuple)):
         features = [f.reshape(-1, f.shape[-1]) for f in features]
         import torch
