@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import ctypes
 import json
-import shutil
 
 import gguf
 import numpy as np
 import pytest
 
-from conftest import BARS, assert_one_line_error, conversion_cache, gguf_tensors, record_fidelity, run_cli
+from conftest import (BARS, assert_fidelity, assert_one_line_error, assert_same_tensors, config_variant,
+                      family_fixtures, gguf_tensors, run_cli)
+from fixtures import deepseekocr
 from ggraft.gguf_io import gguf_file
 from ggraft.hf.checkpoint import Checkpoint
 from ggraft.jobs import verify as verify_job
@@ -38,18 +39,7 @@ TEXT_WIDTH, GLOBAL_TOKENS, TILE_TOKENS = 40, 256 + 1, 144
 DEFECT = "deepseekocr.cpp:143"
 
 
-@pytest.fixture(scope="module")
-def folder():
-    from fixtures import deepseekocr
-
-    return deepseekocr.build_ocr2()
-
-
-@pytest.fixture(scope="module")
-def converted(folder, tmp_path_factory):
-    """``converted(layout, outtype)``: the mmproj, converted once per module."""
-    get = conversion_cache({"deepseekocr2": folder}, tmp_path_factory.mktemp("deepseekocr2"))
-    return lambda layout, outtype: get("deepseekocr2", layout, outtype)
+folder, converted = family_fixtures(lambda: deepseekocr.build_ocr2(), "deepseekocr2")
 
 
 def needs_core(path) -> None:
@@ -65,7 +55,7 @@ def same_tensors(a, b) -> bool:
     return list(ta) == list(tb) and all(np.array_equal(np.asarray(ta[n].data), np.asarray(tb[n].data)) for n in ta)
 
 
-_reports: dict[str, object] = {}  # outtype -> hf/'s report (the other layouts write the same file)
+_verified: set[str] = set()  # the outtypes whose hf/ file is verified (the other layouts write the same file)
 
 
 @pytest.mark.parametrize("outtype", list(BARS))
@@ -73,14 +63,12 @@ _reports: dict[str, object] = {}  # outtype -> hf/'s report (the other layouts w
 def test_fidelity(layout, outtype, folder, converted):
     path = converted(layout, outtype)
     needs_core(path)
-    if layout != "hf" and outtype in _reports and same_tensors(path, converted("hf", outtype)):
+    if layout != "hf" and outtype in _verified and same_tensors(path, converted("hf", outtype)):
         return  # byte for byte hf/'s file, whose report below stands for it
     report = verify(folder / layout, path, text=folder / "text.gguf")
-    assert report.result is not None, report.problem
-    assert report.bar == BARS[outtype] and report.outtype == outtype and report.image_size == (768, 768)
-    assert report.result.tokens == GLOBAL_TOKENS and report.passed and report.runtime_note is None, report
-    _reports.setdefault(outtype, report)
-    record_fidelity("deepseekocr2", outtype, report)
+    assert_fidelity("deepseekocr2", outtype, report, tokens=GLOBAL_TOKENS, image_size=(768, 768))
+    assert report.runtime_note is None, report
+    _verified.add(outtype)
 
 
 def encode_every_chunk(mmproj, text, img, n_embd) -> list[np.ndarray]:
@@ -161,17 +149,17 @@ def test_keys_and_tensors(folder, converted):
 
 @pytest.mark.parametrize("layout", LAYOUTS[1:])
 def test_layouts_write_identical_files(layout, converted):
-    assert same_tensors(converted("hf", "f32"), converted(layout, "f32"))
+    assert_same_tensors(converted("hf", "f32"), converted(layout, "f32"), ordered=True)
 
 
-def _variant(src, dst, sam=None, encoder=None, processor=None):
-    shutil.copytree(src, dst)
+def nested_variant(src, dst, sam=None, encoder=None, processor=None):
+    """A copy of checkpoint ``src`` with vision_config's sam_config and encoder_config and
+    preprocessor_config.json updated (config_variant changes vision_config's own entries only)."""
+    config_variant(src, dst, preprocessor=processor)
     cfg = json.loads((dst / "config.json").read_text())
     cfg["vision_config"]["sam_config"].update(sam or {})
     cfg["vision_config"]["encoder_config"].update(encoder or {})
     (dst / "config.json").write_text(json.dumps(cfg))
-    pre = json.loads((dst / "preprocessor_config.json").read_text())
-    (dst / "preprocessor_config.json").write_text(json.dumps({**pre, **(processor or {})}))
     return dst
 
 
@@ -182,7 +170,7 @@ def _variant(src, dst, sam=None, encoder=None, processor=None):
     (dict(processor={"tile_size": 640}), "preprocessor tile_size 640"),
 ])
 def test_inexpressible_config_is_refused(changes, needle, folder, tmp_path):
-    src = _variant(folder / "hf", tmp_path / "ckpt", **changes)
+    src = nested_variant(folder / "hf", tmp_path / "ckpt", **changes)
     res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
     assert_one_line_error(res, needle)
     assert not (tmp_path / "m.gguf").exists()

@@ -11,19 +11,20 @@ edit of tools/tasks/deepseekocr.shared.md (SAM's position tensors kept f32), as 
 from __future__ import annotations
 
 import json
-import shutil
 
 import gguf
 import numpy as np
 import pytest
 
-from conftest import BARS, assert_one_line_error, conversion_cache, gguf_tensors, record_fidelity, run_cli
+from conftest import (BARS, assert_fidelity, assert_one_line_error, assert_same_tensors, family_fixtures,
+                      gguf_tensors, run_cli)
+from fixtures import deepseekocr
 from ggraft.gguf_io import gguf_file
 from ggraft.hf.checkpoint import Checkpoint
 from ggraft.jobs import verify as verify_job
 from ggraft.jobs.verify import verify
 from ggraft.mmproj.converter import converter_for
-from test_deepseekocr import encode_every_chunk, needs_core, same_tensors
+from test_deepseekocr import encode_every_chunk, needs_core, nested_variant, same_tensors
 
 Q = gguf.GGMLQuantizationType
 LAYOUTS = ("hf", "hf-hub", "hf-state-dict")
@@ -32,20 +33,9 @@ GLOBAL_TOKENS, ROW_TOKENS = 16 * (16 + 1) + 1, (10 + 1) * 10  # rows of tokens e
 DEFECT = "deepseekocr.cpp:328-338"
 
 
-@pytest.fixture(scope="module")
-def folder():
-    from fixtures import deepseekocr
+folder, converted = family_fixtures(lambda: deepseekocr.build_unlimited(), "unlimited")
 
-    return deepseekocr.build_unlimited()
-
-
-@pytest.fixture(scope="module")
-def converted(folder, tmp_path_factory):
-    get = conversion_cache({"unlimited": folder}, tmp_path_factory.mktemp("unlimited_ocr"))
-    return lambda layout, outtype: get("unlimited", layout, outtype)
-
-
-_reports: dict[str, object] = {}
+_verified: set[str] = set()  # the outtypes whose hf/ file is verified (the other layouts write the same file)
 
 
 @pytest.mark.parametrize("outtype", list(BARS))
@@ -53,14 +43,12 @@ _reports: dict[str, object] = {}
 def test_fidelity(layout, outtype, folder, converted):
     path = converted(layout, outtype)
     needs_core(path)
-    if layout != "hf" and outtype in _reports and same_tensors(path, converted("hf", outtype)):
+    if layout != "hf" and outtype in _verified and same_tensors(path, converted("hf", outtype)):
         return  # byte for byte hf/'s file, whose report stands for it
     report = verify(folder / layout, path, text=folder / "text.gguf")
-    assert report.result is not None, report.problem
-    assert report.bar == BARS[outtype] and report.outtype == outtype and report.image_size == (640, 640)
-    assert report.result.tokens == GLOBAL_TOKENS and report.passed and report.runtime_note is None, report
-    _reports.setdefault(outtype, report)
-    record_fidelity("unlimitedocr", outtype, report)
+    assert_fidelity("unlimitedocr", outtype, report, tokens=GLOBAL_TOKENS, image_size=(640, 640))
+    assert report.runtime_note is None, report
+    _verified.add(outtype)
 
 
 def test_tiles_deviate_by_the_runtimes_position_tables(folder, converted):
@@ -103,7 +91,7 @@ def test_keys_and_tensors(folder, converted):
 
 @pytest.mark.parametrize("layout", LAYOUTS[1:])
 def test_layouts_write_identical_files(layout, converted):
-    assert same_tensors(converted("hf", "f32"), converted(layout, "f32"))
+    assert_same_tensors(converted("hf", "f32"), converted(layout, "f32"), ordered=True)
 
 
 @pytest.mark.parametrize("changes,needle", [
@@ -111,10 +99,7 @@ def test_layouts_write_identical_files(layout, converted):
     ({"layer_norm_eps": 1e-6}, "at eps 1e-06"),
 ])
 def test_inexpressible_config_is_refused(changes, needle, folder, tmp_path):
-    src = shutil.copytree(folder / "hf", tmp_path / "ckpt")
-    cfg = json.loads((src / "config.json").read_text())
-    cfg["vision_config"]["encoder_config"].update(changes)
-    (src / "config.json").write_text(json.dumps(cfg))
+    src = nested_variant(folder / "hf", tmp_path / "ckpt", encoder=changes)
     res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
     assert_one_line_error(res, needle)
     assert not (tmp_path / "m.gguf").exists()

@@ -7,13 +7,14 @@ image, which needs a vocabulary: verify is given the fixture's text GGUF.
 from __future__ import annotations
 
 import json
-import shutil
 
 import gguf
 import numpy as np
 import pytest
 
-from conftest import BARS, assert_one_line_error, conversion_cache, gguf_tensors, record_fidelity, run_cli
+from conftest import (BARS, assert_fidelity, assert_one_line_error, assert_same_tensors, config_variant,
+                      family_fixtures, gguf_tensors, run_cli)
+from fixtures import gemma3n
 from ggraft.gguf_io import gguf_file
 from ggraft.hf.checkpoint import Checkpoint
 from ggraft.jobs.verify import verify
@@ -28,35 +29,15 @@ CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 TOWER = "model.vision_tower.timm_model."
 
 
-@pytest.fixture(scope="module")
-def folder():
-    from fixtures import gemma3n
-
-    return gemma3n.build()
-
-
-@pytest.fixture(scope="module")
-def converted(folder, tmp_path_factory):
-    """``converted(layout, outtype)``: the mmproj, converted once per module."""
-    get = conversion_cache({"gemma3n": folder}, tmp_path_factory.mktemp("gemma3n"))
-    return lambda layout, outtype: get("gemma3n", layout, outtype)
-
-
-_worst: dict[str, object] = {}  # outtype -> the lowest report across layouts
+folder, converted = family_fixtures(lambda: gemma3n.build(), "gemma3n")
 
 
 @pytest.mark.parametrize("outtype", list(BARS))
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_fidelity(layout, outtype, folder, converted):
     report = verify(folder / layout, converted(layout, outtype), text=folder / "text.gguf")
-    assert report.result is not None, report.problem
-    assert report.bar == BARS[outtype] and report.outtype == outtype
-    assert report.result.tokens == 256  # the adapter's 32x32 map of a 512-pixel image, pooled 2x2
-    worst = _worst.get(outtype)
-    if worst is None or report.result.min_cosine < worst.result.min_cosine:
-        _worst[outtype] = report
-        record_fidelity("gemma3n", outtype, report)
-    assert report.passed, report.result
+    # 256 tokens: the adapter's 32x32 map of a 512-pixel image, pooled 2x2
+    assert_fidelity("gemma3n", outtype, report, tokens=256)
 
 
 def test_keys_and_tensors(folder, converted):
@@ -102,43 +83,20 @@ def test_dtype_policy_fits_ggml_convolutions(outtype, converted):
                                                              else Q.BF16)
 
 
-def _same_tensors(path_a, path_b):
-    a, b = gguf_tensors(path_a), gguf_tensors(path_b)
-    assert sorted(a) == sorted(b)
-    for name in a:
-        assert np.array_equal(np.asarray(a[name].data), np.asarray(b[name].data)), name
-
-
 def test_layouts_write_identical_tensors(folder, converted, tmp_path):
-    _same_tensors(converted("hf", "f16"), converted("hf-hub", "f16"))
+    assert_same_tensors(converted("hf", "f16"), converted("hf-hub", "f16"))
     from fixtures import common
 
     # saves of the bare Gemma3nModel: vision_tower.timm_model.*, embed_vision.* (no `model.`)
     common.save_renamed(folder / "hf", tmp_path / "bare", lambda k: k.removeprefix("model."))
     out = mmproj.convert(converter_for(Checkpoint(tmp_path / "bare")), tmp_path / "bare.gguf", "f16")
-    _same_tensors(out, converted("hf", "f16"))
-
-
-def _variant(src, dst, config=None, vision=None, preprocessor=None, extra=None):
-    """A copy of checkpoint ``src`` with keys merged into config.json (top level / vision_config)
-    and preprocessor_config.json, and ``extra`` tensors saved beside it."""
-    from safetensors.numpy import save_file
-
-    shutil.copytree(src, dst)
-    for fname, changes, section in (("config.json", config, None), ("config.json", vision, "vision_config"),
-                                    ("preprocessor_config.json", preprocessor, None)):
-        data = json.loads((dst / fname).read_text())
-        (data[section] if section else data).update(changes or {})
-        (dst / fname).write_text(json.dumps(data))
-    if extra:
-        save_file(extra, dst / "extra.safetensors")
-    return dst
+    assert_same_tensors(out, converted("hf", "f16"))
 
 
 def test_preprocessor_without_normalisation(folder, tmp_path):
     """The released preprocessors list mean/std 0.5 but do_normalize false: pixels are only rescaled."""
-    src = _variant(folder / "hf", tmp_path / "ckpt", preprocessor={"do_normalize": False, "image_mean": [0.5] * 3,
-                                                                    "image_std": [0.5] * 3})
+    pre = {"do_normalize": False, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+    src = config_variant(folder / "hf", tmp_path / "ckpt", preprocessor=pre)
     r = gguf.GGUFReader(mmproj.convert(converter_for(Checkpoint(src)), tmp_path / "m.gguf", "f16"))
     assert gguf_file.value(r, "clip.vision.image_mean") == [0.0] * 3
     assert gguf_file.value(r, "clip.vision.image_std") == [1.0] * 3
@@ -169,15 +127,15 @@ def test_inexpressible_config_is_refused(changes, needle, folder, tmp_path):
     if "text_config" in config:  # merged into the saved text_config, not replacing it
         saved = json.loads((folder / "hf" / "config.json").read_text())["text_config"]
         config["text_config"] = {**saved, **config["text_config"]}
-    src = _variant(folder / "hf", tmp_path / "ckpt", config=config, vision=changes.get("vision"),
-                   preprocessor=changes.get("preprocessor"))
+    src = config_variant(folder / "hf", tmp_path / "ckpt", vision=changes.get("vision"),
+                         preprocessor=changes.get("preprocessor"), **config)
     assert_one_line_error(run_cli("convert", src, "-o", tmp_path / "m.gguf"), needle)
     assert not (tmp_path / "m.gguf").exists()
 
 
 def test_unmappable_tensor_is_named(folder, tmp_path):
     stray = TOWER + "blocks.1.1.se.conv_reduce.weight"  # squeeze-excite: no llama.cpp equivalent
-    src = _variant(folder / "hf", tmp_path / "ckpt", extra={stray: np.zeros((4, 16, 1, 1), np.float32)})
+    src = config_variant(folder / "hf", tmp_path / "ckpt", extra={stray: np.zeros((4, 16, 1, 1), np.float32)})
     assert_one_line_error(run_cli("convert", src, "-o", tmp_path / "m.gguf"), stray)
     assert not (tmp_path / "m.gguf").exists()
 

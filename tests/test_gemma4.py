@@ -8,13 +8,14 @@ llama.cpp takes unresized (it resizes anything under 70 tokens).  mtmd writes ``
 from __future__ import annotations
 
 import json
-import shutil
 
 import gguf
 import numpy as np
 import pytest
 
-from conftest import BARS, assert_one_line_error, conversion_cache, gguf_tensors, record_fidelity, run_cli
+from conftest import (BARS, assert_fidelity, assert_one_line_error, assert_same_tensors, config_variant,
+                      families_fixtures, gguf_tensors, run_cli)
+from fixtures import gemma4
 from ggraft.gguf_io import gguf_file
 from ggraft.hf.checkpoint import Checkpoint
 from ggraft.jobs.verify import verify
@@ -28,20 +29,8 @@ CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 HUB = "model.vision_tower."
 
 
-@pytest.fixture(scope="module")
-def fixture_dirs():
-    from fixtures import gemma4
-
-    return {"gemma4v": gemma4.build(), "gemma4uv": gemma4.build_unified()}
-
-
-@pytest.fixture(scope="module")
-def converted(fixture_dirs, tmp_path_factory):
-    """``converted(family, layout, outtype)``: the mmproj, converted once per module."""
-    return conversion_cache(fixture_dirs, tmp_path_factory.mktemp("gemma4"))
-
-
-_worst: dict[tuple[str, str], object] = {}  # (projector, outtype) -> the lowest report across layouts
+fixture_dirs, converted = families_fixtures({"gemma4v": lambda: gemma4.build(),
+                                             "gemma4uv": lambda: gemma4.build_unified()}, "gemma4")
 
 
 @pytest.mark.parametrize("outtype", list(BARS))
@@ -49,14 +38,8 @@ _worst: dict[tuple[str, str], object] = {}  # (projector, outtype) -> the lowest
 def test_fidelity(family, layout, outtype, fixture_dirs, converted):
     report = verify(fixture_dirs[family] / layout, converted(family, layout, outtype),
                     text=fixture_dirs[family] / "vocab.gguf")
-    assert report.result is not None, report.problem
-    assert report.bar == BARS[outtype] and report.outtype == outtype and report.image_size == (64, 72)
-    assert report.result.tokens == 72  # 16 x 18 patches pooled 2x2 / 8 x 9 merged patches
-    worst = _worst.get((family, outtype))
-    if worst is None or report.result.min_cosine < worst.result.min_cosine:
-        _worst[(family, outtype)] = report
-        record_fidelity(family, outtype, report)
-    assert report.passed, report.result
+    # 72 tokens: 16 x 18 patches pooled 2x2 / 8 x 9 merged patches
+    assert_fidelity(family, outtype, report, tokens=72, image_size=(64, 72))
 
 
 def values(reader, name):
@@ -116,12 +99,7 @@ def test_unified_keys_and_tensors(converted, fixture_dirs):
 
 @pytest.mark.parametrize("family,other", [("gemma4v", "hf-base"), ("gemma4uv", "hf-modules")])
 def test_layouts_write_identical_tensors(family, other, converted):
-    a = gguf.GGUFReader(converted(family, "hf", "f32")).tensors
-    b = gguf.GGUFReader(converted(family, other, "f32")).tensors
-    assert sorted(t.name for t in a) == sorted(t.name for t in b)
-    by_name = {t.name: t for t in b}
-    for t in a:
-        assert np.array_equal(t.data, by_name[t.name].data), t.name
+    assert_same_tensors(converted(family, "hf", "f32"), converted(family, other, "f32"))
 
 
 def test_the_clamps_bite(fixture_dirs):
@@ -145,28 +123,13 @@ def test_the_clamps_bite(fixture_dirs):
     assert cos.min() < 0.999
 
 
-def variant(src, dst, vision=None, extra=None):
-    """A copy of checkpoint ``src`` with ``vision`` merged into config.json's vision_config and
-    ``extra`` {name: array} saved as one more safetensors file."""
-    from safetensors.numpy import save_file
-
-    shutil.copytree(src, dst)
-    if vision:
-        cfg = json.loads((dst / "config.json").read_text())
-        cfg["vision_config"].update(vision)
-        (dst / "config.json").write_text(json.dumps(cfg))
-    if extra:
-        save_file(extra, dst / "extra.safetensors")
-    return dst
-
-
 @pytest.mark.parametrize("family,stray", [
     ("gemma4v", "model.vision_tower.encoder.layers.0.mlp.fc3.linear.weight"),
     ("gemma4v", "model.vision_tower.encoder.layers.3.input_layernorm.weight"),  # past num_hidden_layers
     ("gemma4uv", "model.vision_embedder.patch_ln4.weight"),
 ])
 def test_unmappable_tensor_is_named(family, stray, fixture_dirs, tmp_path):
-    src = variant(fixture_dirs[family] / "hf", tmp_path / "ckpt", extra={stray: np.zeros((4, 4), np.float32)})
+    src = config_variant(fixture_dirs[family] / "hf", tmp_path / "ckpt", extra={stray: np.zeros((4, 4), np.float32)})
     out = tmp_path / "m.gguf"
     assert_one_line_error(run_cli("convert", src, "-o", out), stray)
     assert not out.exists() and not list(tmp_path.glob(".m.gguf*"))
@@ -178,7 +141,7 @@ def test_unmappable_tensor_is_named(family, stray, fixture_dirs, tmp_path):
     ("gemma4uv", {"output_proj_dims": 48}, "output_proj_dims 48"),
 ])
 def test_inexpressible_config_is_refused(family, change, needle, fixture_dirs, tmp_path):
-    src = variant(fixture_dirs[family] / "hf", tmp_path / "ckpt", vision=change)
+    src = config_variant(fixture_dirs[family] / "hf", tmp_path / "ckpt", vision=change)
     out = tmp_path / "m.gguf"
     assert_one_line_error(run_cli("convert", src, "-o", out), needle)
     assert not out.exists()

@@ -12,13 +12,14 @@ architectures must give the same file and pass against transformers' class for e
 from __future__ import annotations
 
 import json
-import shutil
 
 import gguf
 import numpy as np
 import pytest
 
-from conftest import BARS, assert_one_line_error, conversion_cache, gguf_tensors, record_fidelity, run_cli
+from conftest import (BARS, assert_fidelity, assert_one_line_error, assert_same_tensors, config_variant,
+                      families_fixtures, gguf_tensors, run_cli)
+from fixtures import glm4v
 from ggraft.gguf_io import gguf_file
 from ggraft.hf.checkpoint import Checkpoint
 from ggraft.jobs.verify import verify
@@ -34,19 +35,8 @@ IMAGES = {"glm4v": {(80, 80): 16, (100, 60): 15}, "glmocr": {(64, 48): 12, (48, 
 SIBLINGS = (("Glm4vMoeForConditionalGeneration", "glm4v_moe"), ("Glm46VForConditionalGeneration", "glm46v"))
 
 
-@pytest.fixture(scope="module")
-def fixture_dirs():
-    from fixtures import glm4v
-
-    return {"glm4v": glm4v.build(), "glmocr": glm4v.build_ocr()}
-
-
-@pytest.fixture(scope="module")
-def converted(fixture_dirs, tmp_path_factory):
-    return conversion_cache(fixture_dirs, tmp_path_factory.mktemp("glm4v"))
-
-
-_worst: dict[tuple[str, str], object] = {}
+fixture_dirs, converted = families_fixtures({"glm4v": lambda: glm4v.build(), "glmocr": lambda: glm4v.build_ocr()},
+                                            "glm4v")
 
 
 @pytest.mark.parametrize("outtype", list(BARS))
@@ -56,42 +46,22 @@ def test_fidelity(family, layout, outtype, fixture_dirs, converted):
     sizes = IMAGES[family] if layout == "hf" else dict(list(IMAGES[family].items())[1:])  # layouts: same file
     for size, tokens in sizes.items():
         report = verify(fixture_dirs[family] / layout, out, text=fixture_dirs[family] / "text.gguf", image_size=size)
-        assert report.result is not None, report.problem
-        assert report.bar == BARS[outtype] and report.outtype == outtype and report.result.tokens == tokens
-        worst = _worst.get((family, outtype))
-        if worst is None or report.result.min_cosine < worst.result.min_cosine:
-            _worst[(family, outtype)] = report
-            record_fidelity(FAMILIES[family], outtype, report)
-        assert report.passed, (size, report.result)  # no runtime defect: strict
+        assert_fidelity(FAMILIES[family], outtype, report, tokens=tokens, context=size)  # no runtime defect: strict
 
 
 @pytest.mark.parametrize("family,layout", [x for x in LAYOUTS if x[1] != "hf"])
 def test_layouts_give_the_same_file(family, layout, converted):
-    a, b = gguf_tensors(converted(family, "hf", "f32")), gguf_tensors(converted(family, layout, "f32"))
-    assert sorted(a) == sorted(b)
-    for name, t in a.items():
-        assert np.array_equal(t.data, b[name].data), name
-
-
-def _with_config(src, dst, **changes):
-    """A copy of checkpoint folder ``src`` with config.json updated (``vision_config`` merged)."""
-    shutil.copytree(src, dst)
-    cfg = json.loads((dst / "config.json").read_text())
-    cfg["vision_config"].update(changes.pop("vision_config", {}))
-    cfg.update(changes)
-    (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
+    assert_same_tensors(converted(family, "hf", "f32"), converted(family, layout, "f32"))
 
 
 @pytest.mark.parametrize("arch,model_type", SIBLINGS)
 def test_sibling_architecture_gives_the_same_file(arch, model_type, fixture_dirs, converted, tmp_path):
     folder = fixture_dirs["glm4v"]
-    src = _with_config(folder / "hf", tmp_path / "ckpt", architectures=[arch], model_type=model_type)
+    src = config_variant(folder / "hf", tmp_path / "ckpt", architectures=[arch], model_type=model_type)
     conv = converter_for(Checkpoint(src))
     assert conv.family == "GLM-4V" and conv.projector_type == "glm4v"
     out = mmproj.convert(conv, tmp_path / "m.gguf", "f32")
-    a, b = gguf_tensors(converted("glm4v", "hf", "f32")), gguf_tensors(out)
-    assert set(a) == set(b) and all(np.array_equal(t.data, b[n].data) for n, t in a.items())
+    assert_same_tensors(converted("glm4v", "hf", "f32"), out)
     report = verify(src, out, text=folder / "text.gguf")  # transformers' own class for ``arch``
     assert report.passed and report.result.tokens == 12, report.result
 
@@ -139,19 +109,15 @@ def test_tensors_and_keys(converted):
     ("glmocr", {"hidden_act": "relu"}, "'relu'"),
 ])
 def test_inexpressible_config_is_refused(family, changes, needle, fixture_dirs, tmp_path):
-    src = _with_config(fixture_dirs[family] / "hf", tmp_path / "ckpt", vision_config=changes)
+    src = config_variant(fixture_dirs[family] / "hf", tmp_path / "ckpt", vision=changes)
     res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
     assert_one_line_error(res, needle)
     assert not (tmp_path / "m.gguf").exists()
 
 
 def test_unmappable_tensor_is_named(fixture_dirs, tmp_path):
-    from safetensors.numpy import save_file
-
     name = "model.visual.blocks.0.attn.rel_pos.weight"
-    src = tmp_path / "ckpt"
-    shutil.copytree(fixture_dirs["glmocr"] / "hf", src)
-    save_file({name: np.zeros((4, 4), np.float32)}, src / "extra.safetensors")
+    src = config_variant(fixture_dirs["glmocr"] / "hf", tmp_path / "ckpt", extra={name: np.zeros((4, 4), np.float32)})
     res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
     assert_one_line_error(res, name)
     assert not (tmp_path / "m.gguf").exists()

@@ -12,13 +12,14 @@ another limit fails.
 from __future__ import annotations
 
 import json
-import shutil
 
 import gguf
 import numpy as np
 import pytest
 
-from conftest import BARS, assert_one_line_error, conversion_cache, gguf_tensors, record_fidelity, run_cli
+from conftest import (BARS, assert_fidelity, assert_one_line_error, assert_same_tensors, config_variant,
+                      family_fixtures, gguf_tensors, run_cli)
+from fixtures import glm5v
 from ggraft.gguf_io import gguf_file
 from ggraft.hf.checkpoint import Checkpoint
 from ggraft.jobs import verify as verify_job
@@ -35,36 +36,7 @@ IMAGES = {(72, 54): 12, (54, 90): 15}
 AREA = 18 * 18  # pixels per image token: (patch 9 x merge 2) squared
 
 
-@pytest.fixture(scope="module")
-def folder():
-    from fixtures import glm5v
-
-    return glm5v.build()
-
-
-@pytest.fixture(scope="module")
-def converted(folder, tmp_path_factory):
-    get = conversion_cache({"glm5v": folder}, tmp_path_factory.mktemp("glm5v"))
-    return lambda layout, outtype: get("glm5v", layout, outtype)
-
-
-def _copy(src, dst, vision=None, preprocessor=None):
-    """A copy of checkpoint folder ``src`` with config.json's vision_config and preprocessor_config.json
-    updated (a value of None removes the key)."""
-    shutil.copytree(src, dst)
-    for name, changes in (("config.json", vision), ("preprocessor_config.json", preprocessor)):
-        cfg = json.loads((dst / name).read_text())
-        target = cfg["vision_config"] if name == "config.json" else cfg
-        for key, value in (changes or {}).items():
-            if value is None:
-                target.pop(key, None)
-            else:
-                target[key] = value
-        (dst / name).write_text(json.dumps(cfg))
-    return dst
-
-
-_worst: dict[str, object] = {}
+folder, converted = family_fixtures(lambda: glm5v.build(), "glm5v")
 
 
 @pytest.mark.parametrize("outtype", list(BARS))
@@ -74,20 +46,12 @@ def test_fidelity(layout, outtype, folder, converted):
     sizes = IMAGES if layout == "hf" else dict(list(IMAGES.items())[1:])  # the layouts give the same file
     for size, tokens in sizes.items():
         report = verify(folder / layout, out, text=folder / "text.gguf", image_size=size)
-        assert report.result is not None, report.problem
-        assert report.bar == BARS[outtype] and report.outtype == outtype and report.result.tokens == tokens
-        if outtype not in _worst or report.result.min_cosine < _worst[outtype].result.min_cosine:
-            _worst[outtype] = report
-            record_fidelity(FAMILY, outtype, report)
-        assert report.passed, (size, report.result)  # no runtime defect: strict
+        assert_fidelity(FAMILY, outtype, report, tokens=tokens, context=size)  # no runtime defect: strict
 
 
 @pytest.mark.parametrize("layout", LAYOUTS[1:])
 def test_layouts_give_the_same_file(layout, converted):
-    a, b = gguf_tensors(converted("hf", "f32")), gguf_tensors(converted(layout, "f32"))
-    assert sorted(a) == sorted(b)
-    for name, t in a.items():
-        assert np.array_equal(t.data, b[name].data), name
+    assert_same_tensors(converted("hf", "f32"), converted(layout, "f32"))
 
 
 def test_bare_model_gives_the_same_file(folder, converted, tmp_path):
@@ -96,8 +60,7 @@ def test_bare_model_gives_the_same_file(folder, converted, tmp_path):
     conv = converter_for(Checkpoint(folder / "hf-model"))
     assert conv.family == FAMILY and conv.projector_type == "glm5v"
     out = mmproj.convert(conv, tmp_path / "m.gguf", "f32")
-    a, b = gguf_tensors(converted("hf", "f32")), gguf_tensors(out)
-    assert set(a) == set(b) and all(np.array_equal(t.data, b[n].data) for n, t in a.items())
+    assert_same_tensors(converted("hf", "f32"), out)
     report = verify(folder / "hf-model", out, text=folder / "text.gguf")
     assert report.passed and report.result.tokens == 12, report.result
 
@@ -126,7 +89,7 @@ def test_whole_image_layout(folder, converted):
 
 def test_the_clamp_is_what_makes_it_match(folder, tmp_path):
     """The fixture's SwiGLUs clamp, and a file written with another limit does not match."""
-    src = _copy(folder / "hf", tmp_path / "ckpt", vision={"swiglu_limit": 1000.0})
+    src = config_variant(folder / "hf", tmp_path / "ckpt", vision={"swiglu_limit": 1000.0})
     out = mmproj.convert(converter_for(Checkpoint(src)), tmp_path / "m.gguf", "f32")
     assert gguf_file.value(gguf_file.open_gguf(out), "clip.vision.swiglu_clamp") == 1000.0
     report = verify(folder / "hf", out, text=folder / "text.gguf")
@@ -164,7 +127,7 @@ def test_tensors_and_keys(converted):
 def test_transformers_defaults_are_written(folder, tmp_path):
     """A checkpoint that leaves swiglu_limit and the token budget to transformers' defaults (llama.cpp's
     converter then writes neither, and llama.cpp refuses its file) gets 10.0 and 16..8000 tokens."""
-    src = _copy(folder / "hf", tmp_path / "ckpt", vision={"swiglu_limit": None},
+    src = config_variant(folder / "hf", tmp_path / "ckpt", vision={"swiglu_limit": None},
                 preprocessor={"min_image_tokens": None, "max_image_tokens": None})
     r = gguf_file.open_gguf(mmproj.convert(converter_for(Checkpoint(src)), tmp_path / "m.gguf", "f16"))
     assert gguf_file.value(r, "clip.vision.swiglu_clamp") == 10.0
@@ -182,7 +145,7 @@ def test_transformers_defaults_are_written(folder, tmp_path):
     (None, {"min_image_tokens": 40}, "min_image_tokens 40 is over max_image_tokens 30"),
 ])
 def test_inexpressible_config_is_refused(vision, preprocessor, needle, folder, tmp_path):
-    src = _copy(folder / "hf", tmp_path / "ckpt", vision, preprocessor)
+    src = config_variant(folder / "hf", tmp_path / "ckpt", vision, preprocessor)
     res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
     assert_one_line_error(res, needle)
     assert not (tmp_path / "m.gguf").exists()

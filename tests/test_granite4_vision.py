@@ -20,7 +20,9 @@ import gguf
 import numpy as np
 import pytest
 
-from conftest import BARS, assert_one_line_error, conversion_cache, gguf_tensors, record_fidelity, run_cli
+from conftest import (BARS, assert_fidelity, assert_one_line_error, assert_same_tensors, family_fixtures,
+                      gguf_tensors, run_cli)
+from fixtures import granite4_vision
 from ggraft.gguf_io import gguf_file
 from ggraft.hf.checkpoint import Checkpoint
 from ggraft.jobs.verify import verify
@@ -33,18 +35,7 @@ TEXT_WIDTH, PROJECTORS = 80, 4
 TOKENS = 36 + 6 * (6 + 1)  # overview 6x6, one tile of 6x6 with a newline per row
 
 
-@pytest.fixture(scope="module")
-def folder():
-    from fixtures import granite4_vision
-
-    return granite4_vision.build()
-
-
-@pytest.fixture(scope="module")
-def converted(folder, tmp_path_factory):
-    """``converted(layout, outtype)``: the mmproj, converted once per module."""
-    get = conversion_cache({"granite4_vision": folder}, tmp_path_factory.mktemp("granite4_vision"))
-    return lambda layout, outtype: get("granite4_vision", layout, outtype)
+folder, converted = family_fixtures(lambda: granite4_vision.build(), "granite4_vision")
 
 
 def core_gaps(folder, path) -> list[str]:
@@ -64,23 +55,14 @@ def needs_core(folder, path) -> None:
         pytest.xfail("needs the core edits of tools/tasks/granite4_vision.shared.md: " + "; ".join(gaps))
 
 
-_worst: dict[str, object] = {}  # outtype -> the lowest report across layouts
-
-
 @pytest.mark.parametrize("outtype", list(BARS))
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_fidelity(layout, outtype, folder, converted):
     path = converted(layout, outtype)
     needs_core(folder, path)
     report = verify(folder / layout, path, text=folder / "text.gguf")
-    assert report.result is not None, report.problem
-    assert report.bar == BARS[outtype] and report.outtype == outtype and report.image_size == (84, 84)
-    assert report.result.tokens == TOKENS
-    worst = _worst.get(outtype)
-    if worst is None or report.result.min_cosine < worst.result.min_cosine:
-        _worst[outtype] = report
-        record_fidelity("granite4_vision", outtype, report)
-    assert report.passed and report.runtime_note is None, report
+    assert_fidelity("granite4_vision", outtype, report, tokens=TOKENS, image_size=(84, 84))
+    assert report.runtime_note is None, report
 
 
 def test_whole_tiled_image(folder, converted):
@@ -146,13 +128,12 @@ def test_keys_and_tensors(folder, converted):
 
 
 def test_layouts_write_identical_files(converted):
-    a, b = gguf_tensors(converted("hf", "f32")), gguf_tensors(converted("hf-hub", "f32"))
-    assert list(a) == list(b)
-    for name in a:
-        assert np.array_equal(np.asarray(a[name].data), np.asarray(b[name].data)), name
+    assert_same_tensors(converted("hf", "f32"), converted("hf-hub", "f32"), ordered=True)
 
 
 def _variant(src, dst, **changes):
+    """A copy of checkpoint ``src`` with config.json entries changed, a dotted key naming a nested one
+    (``qformer_config.num_hidden_layers``), which config_variant cannot."""
     shutil.copytree(src, dst)
     cfg = json.loads((dst / "config.json").read_text())
     for key, value in changes.items():

@@ -19,13 +19,14 @@ does what verify does with the text model loaded whole; once it does, ``verify``
 from __future__ import annotations
 
 import json
-import shutil
 
 import gguf
 import numpy as np
 import pytest
 
-from conftest import BARS, ROOT, assert_one_line_error, conversion_cache, gguf_tensors, record_fidelity, run_cli
+from conftest import (BARS, ROOT, assert_fidelity, assert_one_line_error, assert_same_tensors, config_variant,
+                      family_fixtures, gguf_tensors, run_cli)
+from fixtures import hunyuanvl
 from ggraft.gguf_io import gguf_file, output_types
 from ggraft.hf.checkpoint import Checkpoint
 from ggraft.jobs import verify as verify_job
@@ -44,17 +45,7 @@ FAMILY = "HunyuanOCR"
 VERIFY_LOADS_HPARAMS = "hunyuanvl" in getattr(verify_job, "NEEDS_TEXT_HPARAMS", ())
 
 
-@pytest.fixture(scope="module")
-def folder():
-    from fixtures import hunyuanvl
-
-    return hunyuanvl.build()
-
-
-@pytest.fixture(scope="module")
-def converted(folder, tmp_path_factory):
-    get = conversion_cache({"hunyuanvl": folder}, tmp_path_factory.mktemp("hunyuanvl"))
-    return lambda layout, outtype: get("hunyuanvl", layout, outtype)
+folder, converted = family_fixtures(lambda: hunyuanvl.build(), "hunyuanvl")
 
 
 @pytest.fixture(scope="module")
@@ -92,23 +83,12 @@ def _verify(folder, layout, mmproj, size, text_model) -> verify_job.VerifyReport
     return report
 
 
-_worst: dict[str, object] = {}  # outtype -> the lowest report across layouts and images
-
-
 @pytest.mark.parametrize("outtype", list(BARS))
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_fidelity(layout, outtype, folder, converted, text_model):
     for size, rows in IMAGES.items():
         report = _verify(folder, layout, converted(layout, outtype), size, text_model)
-        assert report.result is not None, report.problem
-        assert report.bar == BARS[outtype] and report.outtype == outtype and report.result.tokens == rows
-        worst = _worst.get(outtype)
-        if worst is None or report.result.min_cosine < worst.result.min_cosine:
-            _worst[outtype] = report
-            record_fidelity(FAMILY, outtype, report)
-        if not report.passed:
-            assert report.runtime_note and DEFECT in report.runtime_note, (size, report)
-            assert report.runtime_result.min_cosine >= BARS[outtype], (size, report.runtime_result)
+        assert_fidelity(FAMILY, outtype, report, tokens=rows, defect=DEFECT, context=size)
 
 
 def test_the_departure_is_the_position_sampling(folder, converted, text_model):
@@ -164,24 +144,9 @@ def test_layouts_write_identical_files(converted):
     files = {layout: converted(layout, "f32") for layout in LAYOUTS}
     readers = {layout: gguf.GGUFReader(f) for layout, f in files.items()}
     clip = lambda r: {k: gguf_file.value(r, k) for k in gguf_file.metadata(r) if k.startswith("clip.")}  # noqa: E731
-    tensors = {layout: gguf_tensors(f) for layout, f in files.items()}
     for layout in LAYOUTS[1:]:
         assert clip(readers[layout]) == clip(readers["hf"]), layout
-        assert sorted(tensors[layout]) == sorted(tensors["hf"]), layout
-        for name, x in tensors["hf"].items():
-            assert np.array_equal(np.asarray(x.data), np.asarray(tensors[layout][name].data)), (layout, name)
-
-
-def _variant(src, dst, vision_changes=None, extra=None):
-    from safetensors.numpy import save_file
-
-    shutil.copytree(src, dst)
-    cfg = json.loads((dst / "config.json").read_text())
-    cfg["vision_config"].update(vision_changes or {})
-    (dst / "config.json").write_text(json.dumps(cfg))
-    if extra:
-        save_file(extra, dst / "extra.safetensors")
-    return dst
+        assert_same_tensors(files["hf"], files[layout])
 
 
 @pytest.mark.parametrize("changes,needle", [
@@ -190,7 +155,7 @@ def _variant(src, dst, vision_changes=None, extra=None):
     ({"interpolate_mode": "bicubic"}, "'bicubic'"),
 ])
 def test_inexpressible_config_is_refused(changes, needle, folder, tmp_path):
-    src = _variant(folder / "hf", tmp_path / "ckpt", vision_changes=changes)
+    src = config_variant(folder / "hf", tmp_path / "ckpt", vision=changes)
     res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
     assert_one_line_error(res, needle)
     assert not (tmp_path / "m.gguf").exists()
@@ -198,7 +163,7 @@ def test_inexpressible_config_is_refused(changes, needle, folder, tmp_path):
 
 def test_unmappable_tensor_is_named(folder, tmp_path):
     name = "vit.layers.0.self_attn.rel_pos.weight"
-    src = _variant(folder / "hf", tmp_path / "ckpt", extra={name: np.zeros((4, 4), np.float32)})
+    src = config_variant(folder / "hf", tmp_path / "ckpt", extra={name: np.zeros((4, 4), np.float32)})
     res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
     assert_one_line_error(res, name)
     assert not (tmp_path / "m.gguf").exists()

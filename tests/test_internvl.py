@@ -9,14 +9,13 @@ is given the fixture's text GGUF.
 """
 from __future__ import annotations
 
-import json
-import shutil
-
 import gguf
 import numpy as np
 import pytest
 
-from conftest import BARS, assert_one_line_error, conversion_cache, gguf_tensors, record_fidelity, run_cli
+from conftest import (BARS, assert_fidelity, assert_one_line_error, assert_same_tensors, config_variant,
+                      family_fixtures, gguf_tensors, run_cli)
+from fixtures import internvl
 from ggraft.converters.internvl import POSITIONS, InternVL
 from ggraft.gguf_io import gguf_file
 from ggraft.hf.checkpoint import Checkpoint
@@ -29,48 +28,23 @@ LAYOUTS = ("hf", "hf-hub", "hf-modules", "original")
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 
 
-@pytest.fixture(scope="module")
-def fixture_dir():
-    from fixtures import internvl
-
-    return internvl.build()
-
-
-@pytest.fixture(scope="module")
-def converted(fixture_dir, tmp_path_factory):
-    """``converted(layout, outtype)``: the mmproj, converted once per module."""
-    get = conversion_cache({"internvl": fixture_dir}, tmp_path_factory.mktemp("internvl"))
-    return lambda layout, outtype: get("internvl", layout, outtype)
-
-
-_worst: dict[str, object] = {}  # outtype -> the lowest report across layouts
+folder, converted = family_fixtures(lambda: internvl.build(), "internvl")
 
 
 @pytest.mark.parametrize("outtype", list(BARS))
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_fidelity(layout, outtype, fixture_dir, converted):
-    reference = fixture_dir / ("hf" if layout == "original" else layout)
-    report = verify(reference, converted(layout, outtype), text=fixture_dir / "text.gguf")
-    assert report.result is not None, report.problem
-    assert report.bar == BARS[outtype] and report.outtype == outtype
-    assert report.result.tokens == 16  # 8x8 patches, pixel-shuffled 2x2
-    worst = _worst.get(outtype)
-    if worst is None or report.result.min_cosine < worst.result.min_cosine:
-        _worst[outtype] = report
-        record_fidelity("internvl", outtype, report)
-    assert report.passed, report.result
+def test_fidelity(layout, outtype, folder, converted):
+    reference = folder / ("hf" if layout == "original" else layout)
+    report = verify(reference, converted(layout, outtype), text=folder / "text.gguf")
+    assert_fidelity("internvl", outtype, report, tokens=16)  # 8x8 patches, pixel-shuffled 2x2
 
 
 def test_layouts_write_the_same_tensors_in_the_same_order(converted):
-    first = gguf.GGUFReader(converted("hf", "f32")).tensors
     for layout in LAYOUTS[1:]:
-        other = gguf.GGUFReader(converted(layout, "f32")).tensors
-        assert [t.name for t in other] == [t.name for t in first], layout
-        for a, b in zip(first, other):
-            assert np.array_equal(a.data, b.data), (layout, a.name)
+        assert_same_tensors(converted("hf", "f32"), converted(layout, "f32"), ordered=True)
 
 
-def test_keys_and_tensors(converted, fixture_dir):
+def test_keys_and_tensors(converted, folder):
     for layout, tiles in (("hf", None), ("original", (1, 6))):
         r = gguf.GGUFReader(converted(layout, "q8_0"))
         v = lambda k: gguf_file.value(r, k)  # noqa: E731
@@ -87,7 +61,7 @@ def test_keys_and_tensors(converted, fixture_dir):
     assert t[POSITIONS].tensor_type == Q.F32 and t["v.patch_embd.weight"].tensor_type == Q.F16
     assert t["mm.model.mlp.1.weight"].tensor_type == Q.Q8_0
     # the position rows in llama.cpp's order: the patches', then CLS's
-    saved = Checkpoint(fixture_dir / "hf").load("vision_tower.embeddings.position_embeddings")
+    saved = Checkpoint(folder / "hf").load("vision_tower.embeddings.position_embeddings")
     written = gguf_file.tensor_values(gguf.GGUFReader(converted("hf", "f32")), POSITIONS)
     assert np.array_equal(written.reshape(saved.shape), np.concatenate([saved[:, 1:], saved[:, :1]], 1))
 
@@ -99,7 +73,7 @@ class CheckpointOrder(InternVL):
         yield from [(gguf_name, tensor)] if gguf_name == POSITIONS else super().modify(gguf_name, tensor)
 
 
-def test_runtime_puts_cls_last(fixture_dir, tmp_path):
+def test_runtime_puts_cls_last(folder, tmp_path):
     """Why the position rows are rotated: llama.cpp appends CLS after the patches and adds the rows
     in stored order.  A file in checkpoint order misses transformers, and matches transformers run
     with every patch given its left neighbour's row and CLS the last one's.  (If this fails, the
@@ -108,10 +82,10 @@ def test_runtime_puts_cls_last(fixture_dir, tmp_path):
 
     from ggraft.jobs.verify import compare, llama_embeddings, load_reference_model, pixel_values, test_image
 
-    ckpt = Checkpoint(fixture_dir / "hf")
+    ckpt = Checkpoint(folder / "hf")
     out = mmproj.convert(CheckpointOrder(ckpt), tmp_path / "checkpoint-order.gguf", "f32")
     img = test_image(56, 56)
-    rows = llama_embeddings(out, img, 96, fixture_dir / "text.gguf", None)
+    rows = llama_embeddings(out, img, 96, folder / "text.gguf", None)
     conv, model = converter_for(ckpt), load_reference_model(ckpt)
     pv = pixel_values(img, conv.params().image_mean, conv.params().image_std)
     positions = model.model.vision_tower.embeddings.position_embeddings
@@ -124,15 +98,11 @@ def test_runtime_puts_cls_last(fixture_dir, tmp_path):
 
 
 def variant(src, dst, config=None, vision=None, tensors=None):
-    """A copy of checkpoint ``src`` with config.json (and its vision_config) updated and
-    ``tensors`` added to its weights."""
+    """config_variant, with ``tensors`` added to model.safetensors itself (not saved beside it: transformers
+    loads that file only)."""
     from safetensors.numpy import load_file, save_file
 
-    shutil.copytree(src, dst)
-    cfg = json.loads((dst / "config.json").read_text())
-    cfg.update(config or {})
-    cfg["vision_config"].update(vision or {})
-    (dst / "config.json").write_text(json.dumps(cfg))
+    config_variant(src, dst, vision=vision, **(config or {}))
     if tensors:
         weights = dst / "model.safetensors"
         save_file({**load_file(weights), **tensors}, weights, metadata={"format": "pt"})
@@ -140,19 +110,19 @@ def variant(src, dst, config=None, vision=None, tensors=None):
 
 
 @pytest.mark.parametrize("feature_layer,blocks,post_norm", [(-1, 3, True), (-2, 2, False)])
-def test_feature_layer_and_final_norm(feature_layer, blocks, post_norm, fixture_dir, tmp_path):
+def test_feature_layer_and_final_norm(feature_layer, blocks, post_norm, folder, tmp_path):
     """A tower with a final norm (``use_mean_pooling: false``) and features from an earlier block:
     the blocks after it are left out and the norm applies to the last hidden state only."""
     rng = np.random.default_rng(0)
     norm = {"vision_tower.layernorm.weight": (1 + 0.3 * rng.standard_normal(64)).astype(np.float32),
             "vision_tower.layernorm.bias": (0.3 * rng.standard_normal(64)).astype(np.float32)}
-    src = variant(fixture_dir / "hf", tmp_path / "ckpt", {"vision_feature_layer": feature_layer},
+    src = variant(folder / "hf", tmp_path / "ckpt", {"vision_feature_layer": feature_layer},
                   {"use_mean_pooling": False}, norm)
     out = mmproj.convert(converter_for(Checkpoint(src)), tmp_path / "m.gguf", "f32")
     t = gguf_tensors(out)
     assert ("v.post_ln.weight" in t) == post_norm and f"v.blk.{blocks - 1}.ln1.weight" in t
     assert f"v.blk.{blocks}.ln1.weight" not in t
-    report = verify(src, out, text=fixture_dir / "text.gguf")
+    report = verify(src, out, text=folder / "text.gguf")
     assert report.passed, report.result
 
 
@@ -165,8 +135,8 @@ def test_feature_layer_and_final_norm(feature_layer, blocks, post_norm, fixture_
     ("hf", {"downsample_ratio": 1 / 3}, {}, "downsample_ratio"),  # 8x8 patches do not shuffle by 3
     ("hf", {}, {"image_size": [56, 49]}, "image_size"),
 ])
-def test_inexpressible_config_is_refused(layout, config, vision, needle, fixture_dir, tmp_path):
-    src = variant(fixture_dir / layout, tmp_path / "ckpt", config, vision)
+def test_inexpressible_config_is_refused(layout, config, vision, needle, folder, tmp_path):
+    src = variant(folder / layout, tmp_path / "ckpt", config, vision)
     out = tmp_path / "m.gguf"
     assert_one_line_error(run_cli("convert", src, "-o", out), needle)
     assert not out.exists()
@@ -181,21 +151,21 @@ def test_the_6b_tower_is_taken_with_rms_norm():
 @pytest.mark.parametrize("layout,stray", [("hf", "multi_modal_projector.gate.weight"),
                                           ("original", "mlp1.2.weight"),
                                           ("original", "vision_model.encoder.layers.0.mlp.fc3.weight")])
-def test_unmappable_tensor_is_named(layout, stray, fixture_dir, tmp_path):
-    src = variant(fixture_dir / layout, tmp_path / "ckpt", tensors={stray: np.zeros((4, 4), np.float32)})
+def test_unmappable_tensor_is_named(layout, stray, folder, tmp_path):
+    src = variant(folder / layout, tmp_path / "ckpt", tensors={stray: np.zeros((4, 4), np.float32)})
     out = tmp_path / "m.gguf"
     assert_one_line_error(run_cli("convert", src, "-o", out), stray)
     assert not out.exists() and not list(tmp_path.glob(".m.gguf*"))
 
 
-def test_check_and_audit(fixture_dir, converted):
+def test_check_and_audit(folder, converted):
     from ggraft.jobs.audit import audit
     from ggraft.pair.check import check_pair
 
-    report = check_pair(fixture_dir / "text.gguf", converted("original", "f16"))
+    report = check_pair(folder / "text.gguf", converted("original", "f16"))
     assert report.ok, report.findings
     boundary = [f for f in report.findings if f.code == "boundary-tokens"]
     assert boundary and "<img>" in boundary[0].message and "</img>" in boundary[0].message
-    found = audit(fixture_dir / "text.gguf")
+    found = audit(folder / "text.gguf")
     assert {"family": "InternVL", "found": 3, "expected": 3} in found.families
     assert found.donors["InternVL"] == ["InternVL (InternVLForConditionalGeneration, InternVLChatModel)"]

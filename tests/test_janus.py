@@ -15,7 +15,9 @@ import gguf
 import numpy as np
 import pytest
 
-from conftest import BARS, assert_one_line_error, conversion_cache, gguf_tensors, record_fidelity, run_cli
+from conftest import (BARS, assert_fidelity, assert_one_line_error, assert_same_tensors, config_variant,
+                      family_fixtures, gguf_tensors, run_cli)
+from fixtures import janus
 from ggraft.gguf_io import gguf_file
 from ggraft.hf.checkpoint import Checkpoint
 from ggraft.jobs.verify import verify
@@ -27,35 +29,15 @@ IMAGENET_MEAN = [0.485, 0.456, 0.406]
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 
 
-@pytest.fixture(scope="module")
-def folder():
-    from fixtures import janus
-
-    return janus.build()
-
-
-@pytest.fixture(scope="module")
-def converted(folder, tmp_path_factory):
-    """``converted(layout, outtype)``: the mmproj, converted once per module."""
-    get = conversion_cache({"janus": folder}, tmp_path_factory.mktemp("janus"))
-    return lambda layout, outtype: get("janus", layout, outtype)
-
-
-_worst: dict[str, object] = {}  # outtype -> the lowest report across layouts
+folder, converted = family_fixtures(lambda: janus.build(), "janus")
 
 
 @pytest.mark.parametrize("outtype", list(BARS))
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_fidelity(layout, outtype, folder, converted):
     report = verify(folder / layout, converted(layout, outtype), text=folder / "text.gguf")
-    assert report.result is not None, report.problem
-    assert report.bar == BARS[outtype] and report.outtype == outtype
-    assert report.result.tokens == 64  # 56 / 7 = 8 patches a side, one token each
-    worst = _worst.get(outtype)
-    if worst is None or report.result.min_cosine < worst.result.min_cosine:
-        _worst[outtype] = report
-        record_fidelity("janus", outtype, report)
-    assert report.passed and report.runtime_note is None, report
+    assert_fidelity("janus", outtype, report, tokens=64)  # 56 / 7 = 8 patches a side, one token each
+    assert report.runtime_note is None, report
 
 
 def test_keys_and_tensors(folder, converted):
@@ -105,22 +87,7 @@ def test_missing_preprocessor_takes_the_processor_defaults(folder, tmp_path):
 
 @pytest.mark.parametrize("layout", LAYOUTS[1:])
 def test_layouts_write_identical_files(layout, converted):
-    a, b = gguf_tensors(converted("hf", "f32")), gguf_tensors(converted(layout, "f32"))
-    assert list(a) == list(b)
-    for name in a:
-        assert np.array_equal(np.asarray(a[name].data), np.asarray(b[name].data)), name
-
-
-def _variant(src, dst, vision_changes=None, extra=None):
-    from safetensors.numpy import save_file
-
-    shutil.copytree(src, dst)
-    cfg = json.loads((dst / "config.json").read_text())
-    cfg["vision_config"].update(vision_changes or {})
-    (dst / "config.json").write_text(json.dumps(cfg))
-    if extra:
-        save_file(extra, dst / "extra.safetensors")
-    return dst
+    assert_same_tensors(converted("hf", "f32"), converted(layout, "f32"), ordered=True)
 
 
 @pytest.mark.parametrize("changes,needle", [
@@ -130,7 +97,7 @@ def _variant(src, dst, vision_changes=None, extra=None):
     ({"image_size": 60}, "image_size 60 is not a multiple of patch_size 7"),
 ])
 def test_inexpressible_config_is_refused(changes, needle, folder, tmp_path):
-    src = _variant(folder / "hf", tmp_path / "ckpt", vision_changes=changes)
+    src = config_variant(folder / "hf", tmp_path / "ckpt", vision=changes)
     res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
     assert_one_line_error(res, needle)
     assert not (tmp_path / "m.gguf").exists()
@@ -138,7 +105,7 @@ def test_inexpressible_config_is_refused(changes, needle, folder, tmp_path):
 
 def test_unmappable_tensor_is_named(folder, tmp_path):
     extra = {"model.aligner.hidden_layers.1.weight": np.zeros((96, 96), np.float32)}  # a third layer
-    src = _variant(folder / "hf", tmp_path / "ckpt", extra=extra)
+    src = config_variant(folder / "hf", tmp_path / "ckpt", extra=extra)
     res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
     assert_one_line_error(res, "model.aligner.hidden_layers.1.weight")
     assert not (tmp_path / "m.gguf").exists()

@@ -8,13 +8,14 @@ is no tiling for this family).
 from __future__ import annotations
 
 import json
-import shutil
 
 import gguf
 import numpy as np
 import pytest
 
-from conftest import BARS, assert_one_line_error, conversion_cache, gguf_tensors, record_fidelity, run_cli
+from conftest import (BARS, assert_fidelity, assert_one_line_error, assert_same_tensors, config_variant,
+                      family_fixtures, gguf_tensors, run_cli)
+from fixtures import kimik25
 from ggraft.gguf_io import gguf_file
 from ggraft.hf.checkpoint import Checkpoint
 from ggraft.jobs.verify import verify
@@ -24,34 +25,14 @@ LAYOUTS = ("hf", "hf-hub", "hf-modules")
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 
 
-@pytest.fixture(scope="module")
-def folder():
-    from fixtures import kimik25
-
-    return kimik25.build()
-
-
-@pytest.fixture(scope="module")
-def converted(folder, tmp_path_factory):
-    get = conversion_cache({"kimik25": folder}, tmp_path_factory.mktemp("kimik25"))
-    return lambda layout, outtype: get("kimik25", layout, outtype)
-
-
-_worst: dict[str, object] = {}
+folder, converted = family_fixtures(lambda: kimik25.build(), "kimik25")
 
 
 @pytest.mark.parametrize("outtype", list(BARS))
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_fidelity(layout, outtype, folder, converted):
     report = verify(folder / layout, converted(layout, outtype), text=folder / "text.gguf")
-    assert report.result is not None, report.problem
-    assert report.bar == BARS[outtype] and report.outtype == outtype
-    assert report.result.tokens == 35  # 10x14 patches merged 2x2
-    worst = _worst.get(outtype)
-    if worst is None or report.result.min_cosine < worst.result.min_cosine:
-        _worst[outtype] = report
-        record_fidelity("kimik25", outtype, report)
-    assert report.passed, report.result
+    assert_fidelity("kimik25", outtype, report, tokens=35)  # 10x14 patches merged 2x2
 
 
 @pytest.mark.parametrize("size", [(120, 120), (24, 36)])
@@ -89,19 +70,7 @@ def test_keys_and_tensors(folder, converted):
 
 @pytest.mark.parametrize("layout", LAYOUTS[1:])
 def test_layouts_write_identical_files(layout, converted):
-    a, b = gguf_tensors(converted("hf", "f32")), gguf_tensors(converted(layout, "f32"))
-    assert sorted(a) == sorted(b)
-    for name in a:
-        assert np.array_equal(np.asarray(a[name].data), np.asarray(b[name].data)), name
-
-
-def _variant(src, dst, vision_changes=None, top=None):
-    shutil.copytree(src, dst)
-    cfg = json.loads((dst / "config.json").read_text())
-    cfg["vision_config"].update(vision_changes or {})
-    cfg.update(top or {})
-    (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
+    assert_same_tensors(converted("hf", "f32"), converted(layout, "f32"))
 
 
 @pytest.mark.parametrize("changes,needle", [
@@ -109,7 +78,7 @@ def _variant(src, dst, vision_changes=None, top=None):
     ({"merge_kernel_size": [2, 3]}, "merge_kernel_size [2, 3]"),
 ])
 def test_inexpressible_config_is_refused(changes, needle, folder, tmp_path):
-    src = _variant(folder / "hf", tmp_path / "ckpt", vision_changes=changes)
+    src = config_variant(folder / "hf", tmp_path / "ckpt", vision=changes)
     res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
     assert_one_line_error(res, needle)
     assert not (tmp_path / "m.gguf").exists()
@@ -118,7 +87,7 @@ def test_inexpressible_config_is_refused(changes, needle, folder, tmp_path):
 def test_hub_spelling_converts_alike(folder, converted, tmp_path):
     """The hub's ``KimiK25ForConditionalGeneration`` spelling converts to the same file; verify needs
     transformers' class, which has the other spelling (the .shared.md proposes a hook)."""
-    src = _variant(folder / "hf-hub", tmp_path / "ckpt", top={"architectures": ["KimiK25ForConditionalGeneration"]})
+    src = config_variant(folder / "hf-hub", tmp_path / "ckpt", architectures=["KimiK25ForConditionalGeneration"])
     out = tmp_path / "m.gguf"
     assert run_cli("convert", src, "-o", out).code == 0
     a, b = gguf_tensors(converted("hf", "f32")), gguf_tensors(out)

@@ -16,7 +16,9 @@ import gguf
 import numpy as np
 import pytest
 
-from conftest import BARS, assert_one_line_error, conversion_cache, gguf_tensors, record_fidelity, run_cli
+from conftest import (BARS, assert_fidelity, assert_one_line_error, assert_same_tensors, config_variant,
+                      family_fixtures, gguf_tensors, run_cli)
+from fixtures import lightonocr
 from ggraft.errors import InputError
 from ggraft.gguf_io import gguf_file
 from ggraft.hf.checkpoint import Checkpoint, open_checkpoint
@@ -30,37 +32,17 @@ LAYOUTS = ("hf", "hf-hub", "hf-bare")
 DEFECT = "mtmd-image.cpp:135"
 
 
-@pytest.fixture(scope="module")
-def folder():
-    from fixtures import lightonocr
-
-    return lightonocr.build()
-
-
-@pytest.fixture(scope="module")
-def converted(folder, tmp_path_factory):
-    """``converted(layout, outtype)``: the mmproj, converted once per module."""
-    get = conversion_cache({"lightonocr": folder}, tmp_path_factory.mktemp("lightonocr"))
-    return lambda layout, outtype: get("lightonocr", layout, outtype)
-
-
-_worst: dict[str, object] = {}  # outtype -> the lowest report across layouts
+folder, converted = family_fixtures(lambda: lightonocr.build(), "lightonocr")
 
 
 @pytest.mark.parametrize("outtype", list(BARS))
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_fidelity(layout, outtype, folder, converted):
     report = verify(folder / layout, converted(layout, outtype), text=folder / "text.gguf")
-    assert report.result is not None, report.problem
-    assert report.bar == BARS[outtype] and report.outtype == outtype
-    assert report.image_size == (42, 56)  # the longest edge, 56: the runtime does not resize it
-    assert report.result.tokens == 12  # 6x8 patches of 7 pixels, merged 2x2; no [IMG_BREAK] rows
+    # the longest edge, 56: the runtime does not resize it; 6x8 patches of 7 pixels, merged 2x2, no
+    # [IMG_BREAK] rows; the declared defect needs an image below the longest edge (strict pass)
+    assert_fidelity("lightonocr", outtype, report, tokens=12, image_size=(42, 56))
     assert report.nonfinite_outside == 0
-    worst = _worst.get(outtype)
-    if worst is None or report.result.min_cosine < worst.result.min_cosine:
-        _worst[outtype] = report
-        record_fidelity("lightonocr", outtype, report)
-    assert report.passed, report.result  # the declared defect needs an image below the longest edge
 
 
 def test_portrait_image(folder, converted):
@@ -71,7 +53,7 @@ def test_portrait_image(folder, converted):
 
 def test_gelu_tower(folder, tmp_path):
     """The same weights with a GELU tower (releases use SiLU): the file switches use_silu for use_gelu."""
-    hf = _variant(folder / "hf", tmp_path / "hf", {"hidden_act": "gelu"})
+    hf = config_variant(folder / "hf", tmp_path / "hf", vision={"hidden_act": "gelu"})
     out = mmproj.convert(converter_for(Checkpoint(hf)), tmp_path / "m.gguf", "f32")
     r = gguf.GGUFReader(out)
     assert gguf_file.value(r, CV.USE_GELU) is True and gguf_file.value(r, CV.USE_SILU) is None
@@ -112,10 +94,7 @@ def test_keys_and_tensors(folder, converted):
 
 @pytest.mark.parametrize("layout", ("hf-hub", "hf-ocr", "hf-bare"))
 def test_layouts_write_identical_files(layout, converted):
-    a, b = gguf_tensors(converted("hf", "f32")), gguf_tensors(converted(layout, "f32"))
-    assert sorted(a) == sorted(b)
-    for name in a:
-        assert np.array_equal(np.asarray(a[name].data), np.asarray(b[name].data)), name
+    assert_same_tensors(converted("hf", "f32"), converted(layout, "f32"))
 
 
 def test_ocr_spelling_verifies_against_transformers_spelling(folder, converted):
@@ -155,23 +134,12 @@ def test_runtime_upscales_smaller_images(folder, converted):
         assert llama_embeddings(mmproj_file, make_image(*hw), 96, folder / "text.gguf", None).shape == (12, 96), hw
 
 
-def _variant(src, dst, vision_changes: dict):
-    dst.mkdir()
-    for f in src.iterdir():
-        if f.name != "config.json":
-            (dst / f.name).symlink_to(f)
-    config = json.loads((src / "config.json").read_text())
-    config["vision_config"].update(vision_changes)
-    (dst / "config.json").write_text(json.dumps(config))
-    return dst
-
-
 @pytest.mark.parametrize("changes, needle", [
     ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}, "rope_theta 1000000.0"),
     ({"hidden_act": "gelu_pytorch_tanh"}, "hidden_act 'gelu_pytorch_tanh'"),
 ])
 def test_inexpressible_config_is_refused(changes, needle, folder, tmp_path):
-    hf = _variant(folder / "hf", tmp_path / "hf", changes)
+    hf = config_variant(folder / "hf", tmp_path / "hf", vision=changes)
     res = run_cli("convert", hf, "-o", tmp_path / "m.gguf")
     assert_one_line_error(res, needle)
     assert not (tmp_path / "m.gguf").exists()

@@ -11,13 +11,14 @@ gguf-py's table alone (``post_attention_layernorm`` -> ``attn_post_norm``), is s
 from __future__ import annotations
 
 import json
-import shutil
 
 import gguf
 import numpy as np
 import pytest
 
-from conftest import BARS, assert_one_line_error, conversion_cache, gguf_tensors, record_fidelity, run_cli
+from conftest import (BARS, assert_fidelity, assert_one_line_error, assert_same_tensors, config_variant,
+                      family_fixtures, gguf_tensors, run_cli)
+from fixtures import llama4
 from ggraft.gguf_io import gguf_file
 from ggraft.hf.checkpoint import Checkpoint
 from ggraft.jobs.verify import verify
@@ -30,37 +31,14 @@ CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 DEFECT = "llama4.cpp:71"
 
 
-@pytest.fixture(scope="module")
-def folder():
-    from fixtures import llama4
-
-    return llama4.build()
-
-
-@pytest.fixture(scope="module")
-def converted(folder, tmp_path_factory):
-    """``converted(layout, outtype)``: the mmproj, converted once per module."""
-    get = conversion_cache({"llama4": folder}, tmp_path_factory.mktemp("llama4"))
-    return lambda layout, outtype: get("llama4", layout, outtype)
-
-
-_worst: dict[str, object] = {}  # outtype -> the lowest report across layouts
+folder, converted = family_fixtures(lambda: llama4.build(), "llama4")
 
 
 @pytest.mark.parametrize("outtype", list(BARS))
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_fidelity(layout, outtype, folder, converted):
     report = verify(folder / layout, converted(layout, outtype), text=folder / "text.gguf")
-    assert report.result is not None, report.problem
-    assert report.bar == BARS[outtype] and report.outtype == outtype
-    assert report.result.tokens == 16  # 8x8 patches, pixel-shuffled 2x2
-    worst = _worst.get(outtype)
-    if worst is None or report.result.min_cosine < worst.result.min_cosine:
-        _worst[outtype] = report
-        record_fidelity("llama4", outtype, report)
-    if not report.passed:
-        assert report.runtime_note and DEFECT in report.runtime_note, report
-        assert report.runtime_result.min_cosine >= BARS[outtype], report.runtime_result
+    assert_fidelity("llama4", outtype, report, tokens=16, defect=DEFECT)  # 8x8 patches, pixel-shuffled 2x2
 
 
 def test_keys_and_tensors(folder, converted):
@@ -92,10 +70,7 @@ def test_keys_and_tensors(folder, converted):
 
 @pytest.mark.parametrize("layout", LAYOUTS[1:])
 def test_layouts_write_identical_files(layout, converted):
-    a, b = gguf_tensors(converted("hf", "f32")), gguf_tensors(converted(layout, "f32"))
-    assert sorted(a) == sorted(b)
-    for name in a:
-        assert np.array_equal(np.asarray(a[name].data), np.asarray(b[name].data)), name
+    assert_same_tensors(converted("hf", "f32"), converted(layout, "f32"))
 
 
 def test_table_named_ffn_norm_breaks_even_the_runtime_order(folder, tmp_path):
@@ -118,25 +93,13 @@ def test_table_named_ffn_norm_breaks_even_the_runtime_order(folder, tmp_path):
     assert not report.passed and report.runtime_result.min_cosine < 0.9, report
 
 
-def _variant(src, dst, vision_changes=None, extra=None):
-    from safetensors.numpy import save_file
-
-    shutil.copytree(src, dst)
-    cfg = json.loads((dst / "config.json").read_text())
-    cfg["vision_config"].update(vision_changes or {})
-    (dst / "config.json").write_text(json.dumps(cfg))
-    if extra:
-        save_file(extra, dst / "extra.safetensors")
-    return dst
-
-
 @pytest.mark.parametrize("changes,needle", [
     ({"rope_parameters": {"rope_type": "default", "rope_theta": 20000.0}}, "rope_theta 20000.0"),
     ({"pixel_shuffle_ratio": 0.3}, "pixel_shuffle_ratio 0.3"),
     ({"pixel_shuffle_ratio": 0.25, "image_size": 48}, "6x6 patch grid"),
 ])
 def test_inexpressible_config_is_refused(changes, needle, folder, tmp_path):
-    src = _variant(folder / "hf", tmp_path / "ckpt", vision_changes=changes)
+    src = config_variant(folder / "hf", tmp_path / "ckpt", vision=changes)
     res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
     assert_one_line_error(res, needle)
     assert not (tmp_path / "m.gguf").exists()
@@ -144,7 +107,7 @@ def test_inexpressible_config_is_refused(changes, needle, folder, tmp_path):
 
 def test_unmappable_tensor_is_named(folder, tmp_path):
     extra = {"multi_modal_projector.linear_1.bias": np.zeros(80, np.float32)}  # transformers' has none
-    src = _variant(folder / "hf", tmp_path / "ckpt", extra=extra)
+    src = config_variant(folder / "hf", tmp_path / "ckpt", extra=extra)
     res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
     assert_one_line_error(res, "multi_modal_projector.linear_1.bias")
     assert not (tmp_path / "m.gguf").exists()

@@ -15,13 +15,14 @@ from __future__ import annotations
 import ctypes
 import json
 import re
-import shutil
 
 import gguf
 import numpy as np
 import pytest
 
-from conftest import BARS, assert_one_line_error, conversion_cache, gguf_tensors, record_fidelity, run_cli
+from conftest import (BARS, assert_fidelity, assert_one_line_error, assert_same_tensors, config_variant,
+                      families_fixtures, gguf_tensors, run_cli)
+from fixtures import llava_next
 from ggraft.gguf_io import gguf_file
 from ggraft.hf.checkpoint import Checkpoint
 from ggraft.jobs import verify as V
@@ -41,39 +42,19 @@ BASE_TOKENS = {"next": 36, "onevision": 49, "granite": 49}
 WIDE = {"next": (42, 84), "onevision": (35, 70)}
 
 
-@pytest.fixture(scope="module")
-def folders():
-    from fixtures import llava_next
-
-    return {"next": llava_next.build(), "onevision": llava_next.build_onevision(),
-            "granite": llava_next.build_granite()}
-
-
-@pytest.fixture(scope="module")
-def converted(folders, tmp_path_factory):
-    """``converted(family, layout, outtype)``: the mmproj, converted once per module."""
-    return conversion_cache(folders, tmp_path_factory.mktemp("llava_next"))
-
-
-_worst: dict[tuple[str, str], object] = {}
+fixture_dirs, converted = families_fixtures(
+    {"next": llava_next.build, "onevision": llava_next.build_onevision, "granite": llava_next.build_granite},
+    "llava_next")
 
 
 @pytest.mark.parametrize("outtype", list(BARS))
 @pytest.mark.parametrize("family,layout", CASES)
-def test_fidelity(family, layout, outtype, folders, converted):
-    report = V.verify(folders[family] / layout, converted(family, layout, outtype), text=folders[family] / "text.gguf")
-    assert report.result is not None, report.problem
-    assert report.bar == BARS[outtype] and report.outtype == outtype
-    assert report.result.tokens == BASE_TOKENS[family]
-    worst = _worst.get((RECORD_AS[family], outtype))
-    if worst is None or report.result.min_cosine < worst.result.min_cosine:
-        _worst[RECORD_AS[family], outtype] = report
-        record_fidelity(RECORD_AS[family], outtype, report)
-    if family != "next":  # SigLIP has no CLS: nothing for the CLS defect to touch
-        assert report.passed, report.result
-    elif not report.passed:
-        assert report.runtime_note and CLS_DEFECT in report.runtime_note, report
-        assert report.runtime_result.min_cosine >= BARS[outtype], report.runtime_result
+def test_fidelity(family, layout, outtype, fixture_dirs, converted):
+    report = V.verify(fixture_dirs[family] / layout, converted(family, layout, outtype),
+                      text=fixture_dirs[family] / "text.gguf")
+    # SigLIP has no CLS: nothing for the CLS defect to touch
+    assert_fidelity(RECORD_AS[family], outtype, report, tokens=BASE_TOKENS[family],
+                    defect=CLS_DEFECT if family == "next" else None)
 
 
 def test_keys_and_tensors(converted):
@@ -112,10 +93,7 @@ def test_keys_and_tensors(converted):
 @pytest.mark.parametrize("layout", LAYOUTS[1:])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_layouts_write_identical_files(family, layout, converted):
-    a, b = gguf_tensors(converted(family, "hf", "f32")), gguf_tensors(converted(family, layout, "f32"))
-    assert sorted(a) == sorted(b)
-    for name in a:
-        assert np.array_equal(np.asarray(a[name].data), np.asarray(b[name].data)), name
+    assert_same_tensors(converted(family, "hf", "f32"), converted(family, layout, "f32"))
 
 
 def encode_all(path, img: np.ndarray, n_embd: int) -> list[np.ndarray]:
@@ -143,11 +121,11 @@ def encode_all(path, img: np.ndarray, n_embd: int) -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_anyres_image(family, folders, converted):
+def test_anyres_image(family, fixture_dirs, converted):
     import torch
     from PIL import Image
 
-    conv = converter_for(Checkpoint(folders[family] / "hf"))
+    conv = converter_for(Checkpoint(fixture_dirs[family] / "hf"))
     p, (h, w) = conv.params(), WIDE[family]
     img, s, n = V.test_image(h, w), p.image_size, BASE_TOKENS[family]
     rows = encode_all(converted(family, "hf", "f32"), img, p.projection_dim)
@@ -180,59 +158,48 @@ def test_anyres_image(family, folders, converted):
         assert V.compare(llama_repacked, strict).min_cosine < BARS["f32"]
 
 
-def _variant(src, dst, changes=None, drop=()):
-    from safetensors.numpy import load_file, save_file
-
-    shutil.copytree(src, dst)
-    cfg = json.loads((dst / "config.json").read_text())
-    for key, value in (changes or {}).items():
-        target = cfg["vision_config"] if key.startswith("vision.") else cfg
-        target[key.removeprefix("vision.")] = value
-    (dst / "config.json").write_text(json.dumps(cfg))
-    if drop:
-        weights = load_file(dst / "model.safetensors")
-        save_file({k: v for k, v in weights.items() if k not in drop}, dst / "model.safetensors", {"format": "pt"})
-    return dst
-
-
 @pytest.mark.parametrize("family,changes,needle", [
     ("next", {"vision_feature_select_strategy": "full"}, "'full' on a clip_vision_model tower"),
     ("onevision", {"vision_feature_select_strategy": "default"}, "'default' on a siglip_vision_model tower"),
     ("next", {"image_grid_pinpoints": [[42, 84], [60, 42]]}, "[60, 42] is not a multiple of the tower's image_size 42"),
-    ("onevision", {"vision.model_type": "dinov2"}, "'dinov2' is neither CLIP nor SigLIP"),
+    ("onevision", {"vision": {"model_type": "dinov2"}}, "'dinov2' is neither CLIP nor SigLIP"),
     ("onevision", {"projector_hidden_act": "silu"}, "projector_hidden_act 'silu'"),
 ])
-def test_inexpressible_config_is_refused(family, changes, needle, folders, tmp_path):
+def test_inexpressible_config_is_refused(family, changes, needle, fixture_dirs, tmp_path):
     from ggraft.errors import UnsupportedModelError
 
-    src = _variant(folders[family] / "hf", tmp_path / "ckpt", changes)
+    src = config_variant(fixture_dirs[family] / "hf", tmp_path / "ckpt", **changes)
     with pytest.raises(UnsupportedModelError, match=re.escape(needle)):
         converter_for(Checkpoint(src))
 
 
-def test_refusal_is_one_line_and_exit_2(folders, tmp_path):
-    src = _variant(folders["next"] / "hf", tmp_path / "ckpt", {"image_grid_pinpoints": [[42, 84], [60, 42]]})
+def test_refusal_is_one_line_and_exit_2(fixture_dirs, tmp_path):
+    src = config_variant(fixture_dirs["next"] / "hf", tmp_path / "ckpt", image_grid_pinpoints=[[42, 84], [60, 42]])
     res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
     assert_one_line_error(res, "LlavaNextForConditionalGeneration", "[60, 42] is not a multiple")
     assert not (tmp_path / "m.gguf").exists()
 
 
-def test_projector_without_biases_gets_zero_biases(folders, tmp_path):
+def test_projector_without_biases_gets_zero_biases(fixture_dirs, tmp_path):
     """``multimodal_projector_bias: false``: llama.cpp adds mm.0/mm.2 biases unconditionally."""
-    src = _variant(folders["onevision"] / "hf", tmp_path / "ckpt", {"multimodal_projector_bias": False},
-                   drop=("multi_modal_projector.linear_1.bias", "multi_modal_projector.linear_2.bias"))
+    from safetensors.numpy import load_file, save_file
+
+    src = config_variant(fixture_dirs["onevision"] / "hf", tmp_path / "ckpt", multimodal_projector_bias=False)
+    drop = ("multi_modal_projector.linear_1.bias", "multi_modal_projector.linear_2.bias")
+    weights = load_file(src / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if k not in drop}, src / "model.safetensors", {"format": "pt"})
     out = mmproj.convert(converter_for(Checkpoint(src)), tmp_path / "m.gguf", "f32")
     t = gguf_tensors(out)
     assert not np.asarray(t["mm.0.bias"].data).any() and not np.asarray(t["mm.2.bias"].data).any()
-    report = V.verify(src, out, text=folders["onevision"] / "text.gguf")
+    report = V.verify(src, out, text=fixture_dirs["onevision"] / "text.gguf")
     assert report.passed, report.result
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_check_names_no_boundary_tokens_and_warns_of_the_defects(family, folders, converted):
+def test_check_names_no_boundary_tokens_and_warns_of_the_defects(family, fixture_dirs, converted):
     from ggraft.pair.check import check_pair
 
-    report = check_pair(folders[family] / "text.gguf", converted(family, "hf", "f16"))
+    report = check_pair(fixture_dirs[family] / "text.gguf", converted(family, "hf", "f16"))
     assert report.ok, report.findings
     codes = {f.code: f for f in report.findings}
     assert "inserts no boundary tokens" in codes["boundary-tokens"].message
@@ -243,22 +210,22 @@ def test_check_names_no_boundary_tokens_and_warns_of_the_defects(family, folders
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_audit_finds_llava_tokens(family, folders):
+def test_audit_finds_llava_tokens(family, fixture_dirs):
     from ggraft.jobs.audit import audit
 
     arch = {"next": "LlavaNextForConditionalGeneration", "onevision": "LlavaOnevisionForConditionalGeneration"}
-    for source in (folders[family] / "text.gguf", folders[family] / "hf"):
+    for source in (fixture_dirs[family] / "text.gguf", fixture_dirs[family] / "hf"):
         data = audit(source).to_dict()
         found = next(f for f in data["families"] if f["family"] == "LLaVA")
         assert found["found"] == found["expected"] == 1
         assert any(arch[family] in d for d in data["donors"]["LLaVA"])
 
 
-def test_convert_and_verify_cli(folders, tmp_path):
-    out = tmp_path / "mmproj.gguf"
-    res = run_cli("convert", folders["next"] / "hf-modules", "-o", out, "--outtype", "bf16", "--json")
+def test_convert_and_verify_cli(fixture_dirs, tmp_path):
+    folder, out = fixture_dirs["next"], tmp_path / "mmproj.gguf"
+    res = run_cli("convert", folder / "hf-modules", "-o", out, "--outtype", "bf16", "--json")
     assert res.code == 0, res.stderr
-    res = run_cli("verify", folders["next"] / "hf-modules", out, "--text", folders["next"] / "text.gguf", "--json")
+    res = run_cli("verify", folder / "hf-modules", out, "--text", folder / "text.gguf", "--json")
     data = json.loads(res.stdout)
     assert res.code == (0 if data["passed"] else 1) and data["projector_type"] == "mlp"
     assert data["passed"] or (CLS_DEFECT in data["runtime_note"]

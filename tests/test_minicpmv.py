@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import ctypes
 import json
-import shutil
 
 import gguf
 import numpy as np
 import pytest
 
-from conftest import BARS, assert_one_line_error, conversion_cache, gguf_tensors, record_fidelity, run_cli
+from conftest import (BARS, assert_fidelity, assert_one_line_error, assert_same_tensors, config_variant,
+                      family_fixtures, gguf_tensors, run_cli)
+from fixtures import minicpmv
 from ggraft.converters.minicpmv import LLAMA_GRID, POSITIONS, MiniCPMV46, spread_rows
 from ggraft.errors import UnsupportedModelError
 from ggraft.gguf_io import gguf_file
@@ -36,39 +37,19 @@ CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 DEFECT = "mtmd-image.cpp:517-525"
 
 
-@pytest.fixture(scope="module")
-def folder():
-    from fixtures import minicpmv
-
-    return minicpmv.build()
-
-
-@pytest.fixture(scope="module")
-def converted(folder, tmp_path_factory):
-    """``converted(layout, outtype)``: the mmproj, converted once per module."""
-    get = conversion_cache({"minicpmv": folder}, tmp_path_factory.mktemp("minicpmv"))
-    return lambda layout, outtype: get("minicpmv", layout, outtype)
+folder, converted = family_fixtures(lambda: minicpmv.build(), "minicpmv")
 
 
 def text_for(folder, layout):
     return folder / ("text-hf4x.gguf" if layout == "hf4x" else "text.gguf")
 
 
-_worst: dict[str, object] = {}  # outtype -> the lowest report across layouts
-
-
 @pytest.mark.parametrize("outtype", list(BARS))
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_fidelity(layout, outtype, folder, converted):
     report = verify(folder / layout, converted(layout, outtype), text=text_for(folder, layout))
-    assert report.result is not None, report.problem
-    assert report.bar == BARS[outtype] and report.outtype == outtype
-    assert report.result.tokens == (36 if layout == "hf4x" else 16)  # (96/8/2)^2; (112/7/4)^2
-    assert report.passed, report
-    worst = _worst.get(outtype)
-    if worst is None or report.result.min_cosine < worst.result.min_cosine:
-        _worst[outtype] = report
-        record_fidelity("minicpmv4_6", outtype, report)
+    # (96/8/2)^2; (112/7/4)^2
+    assert_fidelity("minicpmv4_6", outtype, report, tokens=36 if layout == "hf4x" else 16, context=report)
 
 
 def test_keys_and_tensors(folder, converted):
@@ -139,10 +120,7 @@ def test_square_ffn_unswapped_fails(folder, tmp_path):
 
 @pytest.mark.parametrize("layout", LAYOUTS[1:3])
 def test_layouts_write_identical_files(layout, converted):
-    a, b = gguf_tensors(converted("hf", "f32")), gguf_tensors(converted(layout, "f32"))
-    assert sorted(a) == sorted(b)
-    for name in a:
-        assert np.array_equal(np.asarray(a[name].data), np.asarray(b[name].data)), name
+    assert_same_tensors(converted("hf", "f32"), converted(layout, "f32"))
 
 
 def llama_chunks(mmproj_path, text, img: np.ndarray, n_embd: int) -> list[tuple[str, object]]:
@@ -230,17 +208,8 @@ def test_runtime_defect_16x_unsliced_image(layout, size, llama, transformers, fo
     assert [int(s.prod()) // per_token for s in sizes] == transformers
 
 
-def _variant(src, dst, vision=None, top=None):
-    shutil.copytree(src, dst)
-    cfg = json.loads((dst / "config.json").read_text())
-    cfg["vision_config"].update(vision or {})
-    cfg.update(top or {})
-    (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
-
-
 def test_inexpressible_config_is_refused(folder, tmp_path):
-    src = _variant(folder / "hf", tmp_path / "ckpt", {"image_size": 84})
+    src = config_variant(folder / "hf", tmp_path / "ckpt", vision={"image_size": 84})
     res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
     assert_one_line_error(res, "a 12x12 position grid")
     assert not (tmp_path / "m.gguf").exists()
@@ -254,13 +223,11 @@ def test_inexpressible_config_is_refused(folder, tmp_path):
 ])
 def test_other_inexpressible_configs(vision, top, needle, folder, tmp_path):
     with pytest.raises(UnsupportedModelError, match=needle):
-        converter_for(Checkpoint(_variant(folder / "hf", tmp_path / "ckpt", vision, top)))
+        converter_for(Checkpoint(config_variant(folder / "hf", tmp_path / "ckpt", vision=vision, **top)))
 
 
 def test_model_and_processor_modes_must_agree(folder, tmp_path):
-    src = _variant(folder / "hf", tmp_path / "ckpt")
-    pre = json.loads((src / "preprocessor_config.json").read_text())
-    (src / "preprocessor_config.json").write_text(json.dumps({**pre, "downsample_mode": "4x"}))
+    src = config_variant(folder / "hf", tmp_path / "ckpt", preprocessor={"downsample_mode": "4x"})
     with pytest.raises(UnsupportedModelError, match="downsample_mode '16x' but the processor's is '4x'"):
         converter_for(Checkpoint(src)).params()
 

@@ -6,13 +6,14 @@ The test image is 42x56 pixels at patch 7: 6x8 patches, 12 tokens of 2x2, within
 from __future__ import annotations
 
 import json
-import shutil
 
 import gguf
 import numpy as np
 import pytest
 
-from conftest import BARS, assert_one_line_error, conversion_cache, gguf_tensors, record_fidelity, run_cli
+from conftest import (BARS, assert_fidelity, assert_one_line_error, assert_same_tensors, config_variant,
+                      family_fixtures, gguf_tensors, run_cli)
+from fixtures import minimax_m3
 from ggraft.gguf_io import gguf_file
 from ggraft.hf.checkpoint import Checkpoint
 from ggraft.jobs.verify import verify
@@ -23,34 +24,14 @@ LAYOUTS = ("hf", "hf-hub", "hf-modules")
 BOI, EOI = "]<]start of image[>[", "]<]end of image[>["
 
 
-@pytest.fixture(scope="module")
-def folder():
-    from fixtures import minimax_m3
-
-    return minimax_m3.build()
-
-
-@pytest.fixture(scope="module")
-def converted(folder, tmp_path_factory):
-    get = conversion_cache({"minimax_m3": folder}, tmp_path_factory.mktemp("minimax_m3"))
-    return lambda layout, outtype: get("minimax_m3", layout, outtype)
-
-
-_worst: dict[str, object] = {}
+folder, converted = family_fixtures(lambda: minimax_m3.build(), "minimax_m3")
 
 
 @pytest.mark.parametrize("outtype", list(BARS))
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_fidelity(layout, outtype, folder, converted):
     report = verify(folder / layout, converted(layout, outtype), text=folder / "text.gguf")
-    assert report.result is not None, report.problem
-    assert report.bar == BARS[outtype] and report.outtype == outtype
-    assert report.result.tokens == 12  # 6x8 patches of 7 pixels, merged 2x2
-    worst = _worst.get(outtype)
-    if worst is None or report.result.min_cosine < worst.result.min_cosine:
-        _worst[outtype] = report
-        record_fidelity("minimax_m3", outtype, report)
-    assert report.passed, report
+    assert_fidelity("minimax_m3", outtype, report, tokens=12, context=report)  # 6x8 patches of 7 pixels, merged 2x2
     assert report.runtime_note is None
 
 
@@ -92,10 +73,7 @@ def test_keys_and_tensors(folder, converted):
 
 @pytest.mark.parametrize("layout", LAYOUTS[1:])
 def test_layouts_write_identical_files(layout, converted):
-    a, b = gguf_tensors(converted("hf", "f32")), gguf_tensors(converted(layout, "f32"))
-    assert sorted(a) == sorted(b)
-    for name in a:
-        assert np.array_equal(np.asarray(a[name].data), np.asarray(b[name].data)), name
+    assert_same_tensors(converted("hf", "f32"), converted(layout, "f32"))
 
 
 def test_rope_layout_is_needed(folder, tmp_path):
@@ -115,14 +93,6 @@ def test_rope_layout_is_needed(folder, tmp_path):
     assert report.result is not None and not report.passed, report
 
 
-def _variant(src, dst, vision_changes):
-    shutil.copytree(src, dst)
-    cfg = json.loads((dst / "config.json").read_text())
-    cfg["vision_config"].update(vision_changes)
-    (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
-
-
 @pytest.mark.parametrize("changes,needle", [
     ({"rope_parameters": {"rope_type": "axial", "rope_theta": 20000.0}}, "rope_theta 20000"),
     ({"spatial_merge_size": 3}, "spatial_merge_size 3"),
@@ -130,7 +100,7 @@ def _variant(src, dst, vision_changes):
     ({"temporal_patch_size": 1}, "temporal_patch_size 2"),
 ])
 def test_inexpressible_config_is_refused(changes, needle, folder, tmp_path):
-    src = _variant(folder / "hf", tmp_path / "ckpt", changes)
+    src = config_variant(folder / "hf", tmp_path / "ckpt", vision=changes)
     res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
     assert_one_line_error(res, needle)
     assert not (tmp_path / "m.gguf").exists()

@@ -12,13 +12,14 @@ antialiased table at the same bar.
 from __future__ import annotations
 
 import json
-import shutil
 
 import gguf
 import numpy as np
 import pytest
 
-from conftest import BARS, assert_one_line_error, conversion_cache, gguf_tensors, record_fidelity, run_cli
+from conftest import (BARS, assert_fidelity, assert_one_line_error, assert_same_tensors, config_variant,
+                      family_fixtures, gguf_tensors, run_cli)
+from fixtures import paddleocr
 from ggraft.gguf_io import gguf_file
 from ggraft.hf.checkpoint import Checkpoint
 from ggraft.jobs.verify import verify
@@ -32,21 +33,7 @@ IMAGES = {(56, 56): (16, True), (42, 28): (6, False)}
 LARGER = (84, 70)  # 12x10 patches: the table is enlarged, which both sides do alike
 
 
-@pytest.fixture(scope="module")
-def folder():
-    from fixtures import paddleocr
-
-    return paddleocr.build()
-
-
-@pytest.fixture(scope="module")
-def converted(folder, tmp_path_factory):
-    """``converted(layout, outtype)``: the mmproj, converted once per module."""
-    get = conversion_cache({"paddleocr": folder}, tmp_path_factory.mktemp("paddleocr"))
-    return lambda layout, outtype: get("paddleocr", layout, outtype)
-
-
-_worst: dict[str, object] = {}  # outtype -> the lowest report across layouts and images
+folder, converted = family_fixtures(lambda: paddleocr.build(), "paddleocr")
 
 
 @pytest.mark.parametrize("outtype", list(BARS))
@@ -54,17 +41,8 @@ _worst: dict[str, object] = {}  # outtype -> the lowest report across layouts an
 def test_fidelity(layout, outtype, folder, converted):
     for size, (tokens, at_least_table) in IMAGES.items():
         report = verify(folder / layout, converted(layout, outtype), text=folder / "text.gguf", image_size=size)
-        assert report.result is not None, report.problem
-        assert report.bar == BARS[outtype] and report.outtype == outtype and report.result.tokens == tokens
-        worst = _worst.get(outtype)
-        if worst is None or report.result.min_cosine < worst.result.min_cosine:
-            _worst[outtype] = report
-            record_fidelity("PaddleOCR-VL", outtype, report)
-        if at_least_table or report.passed:
-            assert report.passed, (size, report.result)
-        else:
-            assert report.runtime_note and DEFECT in report.runtime_note, (size, report)
-            assert report.runtime_result.min_cosine >= BARS[outtype], (size, report.runtime_result)
+        assert_fidelity("PaddleOCR-VL", outtype, report, tokens=tokens, defect=None if at_least_table else DEFECT,
+                        context=size)
 
 
 @pytest.mark.parametrize("outtype", ["f32", "q8_0"])
@@ -110,22 +88,7 @@ def test_keys_and_tensors(folder, converted):
 def test_layouts_write_identical_files(layout, folder, converted):
     """Including the hub's tensors nobody runs (packing positions, the pooling head): left out."""
     assert Checkpoint(folder / "hf-hub").has("visual.vision_model.embeddings.packing_position_embedding.weight")
-    a, b = gguf_tensors(converted("hf", "f32")), gguf_tensors(converted(layout, "f32"))
-    assert sorted(a) == sorted(b)
-    for name in a:
-        assert np.array_equal(np.asarray(a[name].data), np.asarray(b[name].data)), name
-
-
-def _variant(src, dst, vision_changes=None, extra=None):
-    from safetensors.numpy import save_file
-
-    shutil.copytree(src, dst)
-    cfg = json.loads((dst / "config.json").read_text())
-    cfg["vision_config"].update(vision_changes or {})
-    (dst / "config.json").write_text(json.dumps(cfg))
-    if extra:
-        save_file(extra, dst / "extra.safetensors")
-    return dst
+    assert_same_tensors(converted("hf", "f32"), converted(layout, "f32"))
 
 
 @pytest.mark.parametrize("changes,needle", [
@@ -135,7 +98,7 @@ def _variant(src, dst, vision_changes=None, extra=None):
     ({"num_attention_heads": 32}, "head size 2"),
 ])
 def test_inexpressible_config_is_refused(changes, needle, folder, tmp_path):
-    src = _variant(folder / "hf", tmp_path / "ckpt", vision_changes=changes)
+    src = config_variant(folder / "hf", tmp_path / "ckpt", vision=changes)
     res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
     assert_one_line_error(res, needle)
     assert not (tmp_path / "m.gguf").exists()
@@ -143,7 +106,7 @@ def test_inexpressible_config_is_refused(changes, needle, folder, tmp_path):
 
 def test_unmappable_tensor_is_named(folder, tmp_path):
     extra = {"mlp_AR.linear_3.weight": np.zeros((80, 80), np.float32)}  # transformers' projector has two
-    src = _variant(folder / "hf", tmp_path / "ckpt", extra=extra)
+    src = config_variant(folder / "hf", tmp_path / "ckpt", extra=extra)
     res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
     assert_one_line_error(res, "mlp_AR.linear_3.weight")
     assert not (tmp_path / "m.gguf").exists()

@@ -10,13 +10,14 @@ MoE architectures have the same vision tower under the same names: they must giv
 from __future__ import annotations
 
 import json
-import shutil
 
 import gguf
 import numpy as np
 import pytest
 
-from conftest import BARS, assert_one_line_error, conversion_cache, gguf_tensors, record_fidelity, run_cli
+from conftest import (BARS, assert_fidelity, assert_one_line_error, assert_same_tensors, config_variant,
+                      families_fixtures, gguf_tensors, run_cli)
+from fixtures import qwen3vl
 from ggraft.gguf_io import gguf_file
 from ggraft.hf.checkpoint import Checkpoint
 from ggraft.jobs.verify import verify
@@ -31,19 +32,8 @@ IMAGES = {"qwen3vl": {(84, 84): 9, (112, 84): 12}, "qwen35": {(96, 96): 16, (96,
 MOE = {"qwen3vl": "Qwen3VLMoeForConditionalGeneration", "qwen35": "Qwen3_5MoeForConditionalGeneration"}
 
 
-@pytest.fixture(scope="module")
-def fixture_dirs():
-    from fixtures import qwen3vl
-
-    return {"qwen3vl": qwen3vl.build_qwen3vl(), "qwen35": qwen3vl.build_qwen35()}
-
-
-@pytest.fixture(scope="module")
-def converted(fixture_dirs, tmp_path_factory):
-    return conversion_cache(fixture_dirs, tmp_path_factory.mktemp("qwen3vl"))
-
-
-_worst: dict[tuple[str, str], object] = {}
+fixture_dirs, converted = families_fixtures({"qwen3vl": qwen3vl.build_qwen3vl, "qwen35": qwen3vl.build_qwen35},
+                                            "qwen3vl")
 
 
 @pytest.mark.parametrize("outtype", list(BARS))
@@ -52,13 +42,7 @@ def test_fidelity(family, layout, outtype, fixture_dirs, converted):
     out = converted(family, layout, outtype)
     for size, tokens in IMAGES[family].items():
         report = verify(fixture_dirs[family] / layout, out, text=fixture_dirs[family] / "text.gguf", image_size=size)
-        assert report.result is not None, report.problem
-        assert report.bar == BARS[outtype] and report.outtype == outtype and report.result.tokens == tokens
-        worst = _worst.get((family, outtype))
-        if worst is None or report.result.min_cosine < worst.result.min_cosine:
-            _worst[(family, outtype)] = report
-            record_fidelity(FAMILIES[family], outtype, report)
-        assert report.passed, (size, report.result)
+        assert_fidelity(FAMILIES[family], outtype, report, tokens=tokens, context=size)
 
 
 @pytest.mark.parametrize("outtype", ["f32", "q8_0"])
@@ -84,33 +68,19 @@ def test_main_embedding_and_every_deepstack_feature(outtype, fixture_dirs, conve
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_layouts_give_the_same_file(family, converted):
-    a, b = gguf_tensors(converted(family, "hf", "f32")), gguf_tensors(converted(family, "hf-bare", "f32"))
-    assert set(a) == set(b)
-    for name, t in a.items():
-        assert np.array_equal(t.data, b[name].data), name
-
-
-def _with_config(src, dst, **changes):
-    """A copy of checkpoint folder ``src`` with config.json updated (``vision_config`` merged)."""
-    shutil.copytree(src, dst)
-    cfg = json.loads((dst / "config.json").read_text())
-    cfg["vision_config"].update(changes.pop("vision_config", {}))
-    cfg.update(changes)
-    (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
+    assert_same_tensors(converted(family, "hf", "f32"), converted(family, "hf-bare", "f32"))
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_moe_architecture_gives_the_same_file(family, fixture_dirs, converted, tmp_path):
-    src = _with_config(fixture_dirs[family] / "hf", tmp_path / "moe", architectures=[MOE[family]])
+    src = config_variant(fixture_dirs[family] / "hf", tmp_path / "moe", architectures=[MOE[family]])
     conv = converter_for(Checkpoint(src))
     assert conv.family == FAMILIES[family]
     out = mmproj.convert(conv, tmp_path / "moe.gguf", "f32")
     dense, moe = gguf_file.open_gguf(converted(family, "hf", "f32")), gguf_file.open_gguf(out)
     clip = lambda r: {k: gguf_file.value(r, k) for k in gguf_file.metadata(r) if k.startswith("clip.")}  # noqa: E731
     assert clip(dense) == clip(moe)
-    a, b = gguf_tensors(converted(family, "hf", "f32")), gguf_tensors(out)
-    assert set(a) == set(b) and all(np.array_equal(t.data, b[n].data) for n, t in a.items())
+    assert_same_tensors(converted(family, "hf", "f32"), out)
 
 
 def test_tensors_and_keys(converted):
@@ -150,7 +120,7 @@ def test_tensors_and_keys(converted):
     ("qwen35", {"temporal_patch_size": 1}, "temporal_patch_size"),
 ])
 def test_inexpressible_config_is_refused(family, changes, needle, fixture_dirs, tmp_path):
-    src = _with_config(fixture_dirs[family] / "hf", tmp_path / "ckpt", vision_config=changes)
+    src = config_variant(fixture_dirs[family] / "hf", tmp_path / "ckpt", vision=changes)
     res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
     assert_one_line_error(res, needle)
     assert not (tmp_path / "m.gguf").exists()
@@ -162,11 +132,7 @@ def test_inexpressible_config_is_refused(family, changes, needle, fixture_dirs, 
     ("qwen3vl", "model.visual.blocks.0.attn.rel_pos.weight"),
 ])
 def test_unmappable_tensor_is_named(family, name, fixture_dirs, tmp_path):
-    from safetensors.numpy import save_file
-
-    src = tmp_path / "ckpt"
-    shutil.copytree(fixture_dirs[family] / "hf", src)
-    save_file({name: np.zeros((4, 4), np.float32)}, src / "extra.safetensors")
+    src = config_variant(fixture_dirs[family] / "hf", tmp_path / "ckpt", extra={name: np.zeros((4, 4), np.float32)})
     res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
     assert_one_line_error(res, name)
     assert not (tmp_path / "m.gguf").exists()

@@ -11,10 +11,11 @@ import json
 import shutil
 
 import gguf
-import numpy as np
 import pytest
 
-from conftest import BARS, assert_one_line_error, conversion_cache, gguf_tensors, record_fidelity, run_cli
+from conftest import (BARS, assert_fidelity, assert_one_line_error, assert_same_tensors,
+                      families_fixtures, gguf_tensors, run_cli)
+from fixtures import qwen_extras
 from ggraft.gguf_io import gguf_file
 from ggraft.jobs.verify import verify
 
@@ -26,19 +27,8 @@ LAYOUTS = [("qwen4exp", "hf"), ("qwen4exp", "hf-hub"),
 IMAGES = {"qwen4exp": {(72, 72): 9, (96, 72): 12}, "qwen3omni": {(84, 84): 9, (112, 84): 12}}
 
 
-@pytest.fixture(scope="module")
-def fixture_dirs():
-    from fixtures import qwen_extras
-
-    return {"qwen4exp": qwen_extras.build_qwen4exp(), "qwen3omni": qwen_extras.build_qwen3omni()}
-
-
-@pytest.fixture(scope="module")
-def converted(fixture_dirs, tmp_path_factory):
-    return conversion_cache(fixture_dirs, tmp_path_factory.mktemp("qwen_extras"))
-
-
-_worst: dict[tuple[str, str], object] = {}
+fixture_dirs, converted = families_fixtures(
+    {"qwen4exp": qwen_extras.build_qwen4exp, "qwen3omni": qwen_extras.build_qwen3omni}, "qwen_extras")
 
 
 @pytest.mark.parametrize("outtype", list(BARS))
@@ -48,23 +38,13 @@ def test_fidelity(family, layout, outtype, fixture_dirs, converted):
     sizes = IMAGES[family] if (layout, outtype) == ("hf", "f32") else dict([next(iter(IMAGES[family].items()))])
     for size, tokens in sizes.items():
         report = verify(fixture_dirs[family] / layout, out, text=fixture_dirs[family] / "text.gguf", image_size=size)
-        assert report.result is not None, report.problem
-        assert report.bar == BARS[outtype] and report.outtype == outtype and report.result.tokens == tokens
-        worst = _worst.get((family, outtype))
-        if worst is None or report.result.min_cosine < worst.result.min_cosine:
-            _worst[(family, outtype)] = report
-            record_fidelity(FAMILIES[family], outtype, report)
-        assert report.passed, (size, report.result)
+        assert_fidelity(FAMILIES[family], outtype, report, tokens=tokens, context=size)
 
 
 @pytest.mark.parametrize("family,layouts", [("qwen4exp", ("hf-hub",)), ("qwen3omni", ("hf-hub", "hf-thinker"))])
 def test_layouts_give_the_same_file(family, layouts, converted):
-    a = gguf_tensors(converted(family, "hf", "f32"))
     for layout in layouts:
-        b = gguf_tensors(converted(family, layout, "f32"))
-        assert set(a) == set(b), layout
-        for name, t in a.items():
-            assert np.array_equal(t.data, b[name].data), (layout, name)
+        assert_same_tensors(converted(family, "hf", "f32"), converted(family, layout, "f32"))
 
 
 def test_tensors_and_keys(converted):
@@ -92,6 +72,7 @@ def test_tensors_and_keys(converted):
 
 
 def _with_vision_config(src, dst, nested, **changes):
+    """config_variant's ``vision``, but for a vision_config that may sit under thinker_config (``nested``)."""
     shutil.copytree(src, dst)
     cfg = json.loads((dst / "config.json").read_text())
     (cfg["thinker_config"] if nested else cfg)["vision_config"].update(changes)

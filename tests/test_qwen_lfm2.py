@@ -12,13 +12,14 @@ compared on a one-window image and on a four-window image with partial windows.
 from __future__ import annotations
 
 import json
-import shutil
 
 import gguf
 import numpy as np
 import pytest
 
-from conftest import BARS, assert_one_line_error, conversion_cache, gguf_tensors, record_fidelity, run_cli
+from conftest import (BARS, assert_fidelity, assert_one_line_error, assert_same_tensors, config_variant,
+                      families_fixtures, gguf_tensors, run_cli)
+from fixtures import lfm2vl, qwen2vl
 from ggraft.gguf_io import gguf_file
 from ggraft.mmproj import writer as mmproj
 from ggraft.hf.checkpoint import Checkpoint
@@ -35,20 +36,8 @@ IMAGES = {"qwen2vl": {(112, 84): 12},
           "lfm2vl": {(256, 256): 64, (384, 192): 72}}
 
 
-@pytest.fixture(scope="module")
-def fixture_dirs():
-    from fixtures import lfm2vl, qwen2vl
-
-    return {"qwen2vl": qwen2vl.build_qwen2(), "qwen25vl": qwen2vl.build_qwen25(), "lfm2vl": lfm2vl.build()}
-
-
-@pytest.fixture(scope="module")
-def converted(fixture_dirs, tmp_path_factory):
-    """``converted(family, layout, outtype)``: the mmproj, converted once per module."""
-    return conversion_cache(fixture_dirs, tmp_path_factory.mktemp("qwen-lfm2"))
-
-
-_worst: dict[tuple[str, str], object] = {}  # (family, outtype) -> the lowest report across layouts and images
+fixture_dirs, converted = families_fixtures(
+    {"qwen2vl": qwen2vl.build_qwen2, "qwen25vl": qwen2vl.build_qwen25, "lfm2vl": lfm2vl.build}, "qwen-lfm2")
 
 
 @pytest.mark.parametrize("outtype", list(BARS))
@@ -57,23 +46,13 @@ def test_fidelity(family, layout, outtype, fixture_dirs, converted):
     out = converted(family, layout, outtype)
     for size, tokens in IMAGES[family].items():
         report = verify(fixture_dirs[family] / layout, out, text=fixture_dirs[family] / "vocab.gguf", image_size=size)
-        assert report.result is not None, report.problem
-        assert report.bar == BARS[outtype] and report.outtype == outtype
-        assert report.result.tokens == tokens
-        worst = _worst.get((family, outtype))
-        if worst is None or report.result.min_cosine < worst.result.min_cosine:
-            _worst[(family, outtype)] = report
-            record_fidelity(family, outtype, report)
-        assert report.passed, (size, report.result)
+        assert_fidelity(family, outtype, report, tokens=tokens, context=size)
 
 
 @pytest.mark.parametrize("family,other", [("qwen2vl", "hf-modules"), ("qwen2vl", "hf-bare"), ("qwen25vl", "hf-modules"),
                                           ("lfm2vl", "hf-hub")])
 def test_layouts_give_the_same_file(family, other, converted):
-    a, b = gguf_tensors(converted(family, "hf", "f32")), gguf_tensors(converted(family, other, "f32"))
-    assert set(a) == set(b)
-    for name, t in a.items():
-        assert np.array_equal(t.data, b[name].data), name
+    assert_same_tensors(converted(family, "hf", "f32"), converted(family, other, "f32"))
 
 
 def test_qwen_tensors_and_keys(converted):
@@ -152,8 +131,6 @@ def test_window_size_llama_cpp_ignores_is_named(tmp_path):
     """A checkpoint with 56-pixel windows: the file records window_size 56, but llama.cpp's qwen2.5vl
     runtime always uses 112-pixel windows; verify fails the bar and names that, and the file matches
     transformers run with 112-pixel windows."""
-    from fixtures import qwen2vl
-
     folder = qwen2vl.build_qwen25(window_size=56)
     out = mmproj.convert(converter_for(Checkpoint(folder / "hf")), tmp_path / "w56.gguf", "f32")
     assert gguf_file.value(gguf_file.open_gguf(out, "mmproj"), gguf.Keys.ClipVision.WINDOW_SIZE) == 56
@@ -163,33 +140,21 @@ def test_window_size_llama_cpp_ignores_is_named(tmp_path):
     assert report.runtime_result.min_cosine >= BARS["f32"], report.runtime_result
 
 
-def _with_config(src, dst, **vision_changes):
-    """A copy of checkpoint folder ``src`` whose vision_config is updated with ``vision_changes``."""
-    shutil.copytree(src, dst)
-    cfg = json.loads((dst / "config.json").read_text())
-    cfg["vision_config"].update(vision_changes)
-    (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
-
-
 @pytest.mark.parametrize("family,changes,needle", [
     ("qwen25vl", {"fullatt_block_indexes": [1]}, "fullatt_block_indexes [1] is not periodic"),
     ("qwen2vl", {"temporal_patch_size": 3}, "temporal_patch_size"),
     ("lfm2vl", {"hidden_act": "relu"}, "'relu'"),
 ])
 def test_inexpressible_config_is_refused(family, changes, needle, fixture_dirs, tmp_path):
-    src = _with_config(fixture_dirs[family] / "hf", tmp_path / "ckpt", **changes)
+    src = config_variant(fixture_dirs[family] / "hf", tmp_path / "ckpt", vision=changes)
     res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
     assert_one_line_error(res, needle)
     assert not (tmp_path / "m.gguf").exists()
 
 
 def test_unmappable_tensor_is_named(fixture_dirs, tmp_path):
-    from safetensors.numpy import save_file
-
-    src = tmp_path / "ckpt"
-    shutil.copytree(fixture_dirs["qwen25vl"] / "hf", src)
-    save_file({"visual.blocks.0.attn.rel_pos.weight": np.zeros((4, 4), np.float32)}, src / "extra.safetensors")
+    src = config_variant(fixture_dirs["qwen25vl"] / "hf", tmp_path / "ckpt",
+                         extra={"visual.blocks.0.attn.rel_pos.weight": np.zeros((4, 4), np.float32)})
     res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
     assert_one_line_error(res, "visual.blocks.0.attn.rel_pos.weight")
     assert not (tmp_path / "m.gguf").exists()

@@ -7,14 +7,13 @@ which needs a vocabulary, so verify is given each fixture's text GGUF.
 """
 from __future__ import annotations
 
-import json
-import shutil
-
 import gguf
 import numpy as np
 import pytest
 
-from conftest import BARS, assert_one_line_error, conversion_cache, gguf_tensors, record_fidelity, run_cli
+from conftest import (assert_fidelity, assert_one_line_error, assert_same_tensors, config_variant,
+                      families_fixtures, gguf_tensors, run_cli)
+from fixtures import gemma3, idefics3
 from ggraft.gguf_io import gguf_file
 from ggraft.mmproj import writer as mmproj
 from ggraft.hf.checkpoint import Checkpoint
@@ -28,20 +27,7 @@ LAYOUTS = [("gemma3", "hf"), ("gemma3", "hf-hub"),
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 
 
-@pytest.fixture(scope="module")
-def fixture_dirs():
-    from fixtures import gemma3, idefics3
-
-    return {"gemma3": gemma3.build(), "idefics3": idefics3.build()}
-
-
-@pytest.fixture(scope="module")
-def converted(fixture_dirs, tmp_path_factory):
-    """``converted(family, layout, outtype)``: the mmproj, converted once per module."""
-    return conversion_cache(fixture_dirs, tmp_path_factory.mktemp("siglip"))
-
-
-_worst: dict[tuple[str, str], object] = {}  # (family, outtype) -> the lowest report across layouts
+fixture_dirs, converted = families_fixtures({"gemma3": gemma3.build, "idefics3": idefics3.build}, "siglip")
 
 
 @pytest.mark.parametrize("outtype", OUTTYPES)
@@ -55,14 +41,8 @@ def test_fidelity(family, layout, outtype, fixture_dirs, converted):
         kept = gguf_tensors(out)["mm.input_projection.weight"].tensor_type
         assert kept in (Q.F32, Q.F16, Q.BF16), f"mm.input_projection.weight written as {kept.name}"
     report = verify(fixture_dirs[family] / layout, out, text=fixture_dirs[family] / "text.gguf")
-    assert report.result is not None, report.problem
-    assert report.bar == BARS[outtype] and report.outtype == outtype
-    assert report.result.tokens == 16  # gemma3: 8x8 patches pooled 2x2; idefics3: one 8x8 tile shuffled 2x2
-    worst = _worst.get((family, outtype))
-    if worst is None or report.result.min_cosine < worst.result.min_cosine:
-        _worst[(family, outtype)] = report
-        record_fidelity(family, outtype, report)
-    assert report.passed, report.result
+    # gemma3: 8x8 patches pooled 2x2; idefics3: one 8x8 tile shuffled 2x2
+    assert_fidelity(family, outtype, report, tokens=16)
 
 
 def test_gemma3_keys_and_tensors(converted, fixture_dirs):
@@ -97,17 +77,10 @@ def test_idefics3_keys(converted):
 
 
 def test_idefics3_without_splitting_is_not_tiled(fixture_dirs, tmp_path):
-    src = variant(fixture_dirs["idefics3"] / "hf", tmp_path / "ckpt",
-                  updates={"preprocessor_config.json": {"do_image_splitting": False}})
+    src = config_variant(fixture_dirs["idefics3"] / "hf", tmp_path / "ckpt",
+                         preprocessor={"do_image_splitting": False})
     out = mmproj.convert(converter_for(Checkpoint(src)), tmp_path / "m.gguf", "f32")
     assert gguf_file.value(gguf.GGUFReader(out), "clip.vision.preproc_image_size") == 64  # one tile
-
-
-def assert_same_tensors(path_a, path_b):
-    a, b = gguf_tensors(path_a), gguf_tensors(path_b)
-    assert sorted(a) == sorted(b)
-    for name in a:
-        assert np.array_equal(np.asarray(a[name].data), np.asarray(b[name].data)), name
 
 
 @pytest.mark.parametrize("family", ["gemma3", "idefics3"])
@@ -127,25 +100,10 @@ def test_gemma3_model_prefixed_names(fixture_dirs, converted, tmp_path):
     assert_same_tensors(out, converted("gemma3", "hf", "f32"))
 
 
-def variant(src, dst, updates=None, extra=None):
-    """A copy of checkpoint ``src``: ``updates`` {json file: {key: value}} merged into its side
-    files, ``extra`` {name: array} saved as one more safetensors file."""
-    from safetensors.numpy import save_file
-
-    shutil.copytree(src, dst)
-    for fname, changes in (updates or {}).items():
-        data = json.loads((dst / fname).read_text())
-        data.update(changes)
-        (dst / fname).write_text(json.dumps(data))
-    if extra:
-        save_file(extra, dst / "extra.safetensors")
-    return dst
-
-
 def test_gemma3_siglip_head_is_left_out(fixture_dirs, tmp_path):
     head = {"vision_tower.head.probe": np.zeros((1, 1, 64), np.float32),
             "vision_tower.head.mlp.fc1.weight": np.zeros((160, 64), np.float32)}
-    src = variant(fixture_dirs["gemma3"] / "hf", tmp_path / "with-head", extra=head)
+    src = config_variant(fixture_dirs["gemma3"] / "hf", tmp_path / "with-head", extra=head)
     out = mmproj.convert(converter_for(Checkpoint(src)), tmp_path / "m.gguf", "f32")
     assert not any("head" in name for name in gguf_tensors(out))
 
@@ -155,7 +113,7 @@ def test_gemma3_siglip_head_is_left_out(fixture_dirs, tmp_path):
     ("idefics3", "model.connector.modality_projection.gate.weight"),
 ])
 def test_unmappable_tensor_is_named(family, stray, fixture_dirs, tmp_path):
-    src = variant(fixture_dirs[family] / "hf", tmp_path / "ckpt", extra={stray: np.zeros((4, 4), np.float32)})
+    src = config_variant(fixture_dirs[family] / "hf", tmp_path / "ckpt", extra={stray: np.zeros((4, 4), np.float32)})
     out = tmp_path / "m.gguf"
     assert_one_line_error(run_cli("convert", src, "-o", out), stray)
     assert not out.exists() and not list(tmp_path.glob(".m.gguf*"))
@@ -166,7 +124,7 @@ def test_unmappable_tensor_is_named(family, stray, fixture_dirs, tmp_path):
     ("idefics3", "scale_factor", 3),  # 8x8 patches do not shuffle by 3
 ])
 def test_inexpressible_config_is_refused(family, key, value, fixture_dirs, tmp_path):
-    src = variant(fixture_dirs[family] / "hf", tmp_path / "ckpt", updates={"config.json": {key: value}})
+    src = config_variant(fixture_dirs[family] / "hf", tmp_path / "ckpt", **{key: value})
     out = tmp_path / "m.gguf"
     assert_one_line_error(run_cli("convert", src, "-o", out), key)
     assert not out.exists()
