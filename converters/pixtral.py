@@ -66,6 +66,10 @@ class Pixtral(Converter):
         self.merges = ckpt.architecture == "Mistral3ForConditionalGeneration"
 
     @classmethod
+    def claims(cls, config):
+        return (config.get("vision_config") or {}).get("model_type") == "pixtral"
+
+    @classmethod
     def refuses(cls, config):
         v = config.get("vision_config") or {}
         if v.get("model_type") != "pixtral":

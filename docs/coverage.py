@@ -26,7 +26,6 @@ from dataclasses import dataclass
 
 TRANSFORMERS_READ = "5.24"  # the transformers release the ``transformers`` column was read from
 
-ISSUE_16 = "planned (issue 16)"
 ISSUE_16_CANDIDATE = "candidate (issue 16: transformers builds it)"
 NO_REFERENCE = "no transformers model to prove a conversion against"
 REMOTE_CODE = "no class (remote code only)"
@@ -46,13 +45,13 @@ class ProjectorRow:
 
 
 ROWS: tuple[ProjectorRow, ...] = (
-    ProjectorRow("mlp", "LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Granite Vision 3.x",
+    ProjectorRow("mlp", "LLaVA-1.5 and LLaVA-style models with a SigLIP tower, LLaVA-NeXT, LLaVA-OneVision, "
+                 "Granite Vision 3.x",
                  ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
                   "LlavaOnevisionForConditionalGeneration"),
                  "legacy scripts (`llava_surgery_v2.py`, `convert_image_encoder_to_gguf.py`)",
                  ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
-                  "LlavaOnevisionForConditionalGeneration"),
-                 pending=f"`LlavaForConditionalGeneration` with a non-CLIP tower: {ISSUE_16}"),
+                  "LlavaOnevisionForConditionalGeneration")),
     ProjectorRow("ldp", "MobileVLM", (),
                  "legacy scripts (`llava_surgery.py`, `convert_image_encoder_to_gguf.py --projector-type ldp`)",
                  transformers_note=REMOTE_CODE, pending=NO_REFERENCE),

@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from conftest import BARS, record_fidelity, run_cli
+from conftest import BARS, assert_fidelity, run_cli
 from ggraft.hf.checkpoint import Checkpoint
 from ggraft.mmproj.converter import converter_for
 from ggraft.mmproj.writer import convert
@@ -23,12 +23,7 @@ from ggraft.jobs.verify import verify
 def test_fidelity(llava_fixture, tmp_path, outtype):
     mmproj = convert(converter_for(Checkpoint(llava_fixture / "hf-hub")), tmp_path / "m.gguf", outtype)
     report = verify(llava_fixture / "hf", mmproj, text=llava_fixture / "text.gguf")
-    record_fidelity("llava", outtype, report)
-    assert report.bar == BARS[outtype] and report.outtype == outtype
-    assert report.result.tokens == 16  # (56/14)^2 patches, CLS dropped
-    if not report.passed:
-        assert report.runtime_note and "25814" in report.runtime_note
-        assert report.runtime_result.min_cosine >= BARS[outtype], report.runtime_result
+    assert_fidelity("llava", outtype, report, tokens=16, defect="25814")  # (56/14)^2 patches, CLS dropped
 
 
 def test_verify_cli_reports_and_exit_code(llava_fixture, llava_mmproj):

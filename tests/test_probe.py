@@ -148,6 +148,7 @@ HY_IMAGE = "<｜hy_place▁holder▁no▁100｜><｜hy_place▁holder▁no▁102
 #: of the family's test image, and the layout probed when not hf/
 FAMILIES = {
     "llava": ("llava", "build", None, "<image>", 16),
+    "llava_siglip": ("llava_siglip", "build", None, "<image>", 100),
     "gemma3": ("gemma3", "build", None, "<start_of_image>", 16),
     "idefics3": ("idefics3", "build", None, "<image>", 16),
     "internvl": ("internvl", "build", None, "<IMG_CONTEXT>", 16),

@@ -33,7 +33,8 @@ def probe(
 
     The image is fed at the family's own size (as verify feeds it) and the prompt goes through the
     checkpoint's chat template, the image token repeated once per image feature. Families: every one
-    ggraft converts whose transformers class returns attention weights: LLaVA, Mistral 3 / Pixtral,
+    ggraft converts whose transformers class returns attention weights: LLaVA (CLIP or SigLIP),
+    Mistral 3 / Pixtral,
     Gemma 3, Gemma 4, Idefics3 / SmolVLM (first tile), InternVL, LFM2-VL (its attention layers; its
     convolutions show as —), Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 (full-attention layers), Step-3.7,
     HunyuanOCR, EXAONE 4.5, GLM-5 Next (its MLA layers; multi-stream residuals compared as their mean),

@@ -113,6 +113,12 @@ class Converter:
         """Why this converter cannot take a checkpoint of one of its architectures (None: it can)."""
         return None
 
+    @classmethod
+    def claims(cls, config: dict[str, Any]) -> bool:
+        """Whether a config of a shared architecture is this family's at all (LLaVA's class holds CLIP,
+        SigLIP or Pixtral towers): a claiming converter's refusal is the one shown."""
+        return True
+
     def params(self) -> VisionParams:
         raise NotImplementedError
 
@@ -256,9 +262,9 @@ def converter_for(ckpt: Checkpoint) -> Converter:
         reason = cls.refuses(ckpt.config)
         if reason is None:
             return cls(ckpt)
-        reasons.append(reason)
+        reasons.append((not cls.claims(ckpt.config), reason))
     if reasons:
-        raise UnsupportedModelError(f"{ckpt.path}: {arch}: {reasons[0]}")
+        raise UnsupportedModelError(f"{ckpt.path}: {arch}: {sorted(reasons, key=lambda r: r[0])[0][1]}")
     supported = ", ".join(sorted(registry))
     raise UnsupportedModelError(f"{ckpt.path}: unsupported architecture {arch!r}; supported: {supported}")
 
