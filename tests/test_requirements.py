@@ -236,7 +236,7 @@ def head_count_not_dividing(checkpoint: Path, out: Path) -> Path:
     """A copy of the checkpoint whose vision head count does not divide its width."""
     shutil.copytree(checkpoint, out)
     config = json.loads((out / "config.json").read_text())
-    vision = config.get("vision_config") or config
+    vision = (config.get("thinker_config") or config).get("vision_config") or config  # an omni model's thinker
     key = next((k for k in ("num_attention_heads", "num_heads", "heads") if k in vision), None)
     width = next((vision[k] for k in ("hidden_size", "embed_dim", "width") if k in vision), None)
     if key is None or not isinstance(width, int):

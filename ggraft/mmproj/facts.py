@@ -36,6 +36,10 @@ class RuntimeDefect:
     with_tensor: str = ""
     #: ... and not when this key holds this value (e.g. a window size the runtime happens to use)
     unless_key: tuple[str, Any] | None = None
+    #: boundary tokens mtmd.cpp inserts for this projector that the family's own vocabulary does not have
+    #: (it spells them otherwise): ``check`` reports them missing as this defect (a warning: the pair runs),
+    #: not as a text model of another family (an error)
+    boundary_tokens: tuple[str, ...] = ()
 
     def applies(self, projector: str | None, has_tensor: Callable[[str], bool], value: Callable[[str], Any],
                 installed: str) -> bool:
