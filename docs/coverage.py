@@ -113,10 +113,11 @@ ROWS: tuple[ProjectorRow, ...] = (
                  ("InternVLForConditionalGeneration",), "`InternVLChatModel`: remote code"),
     ProjectorRow("llama4", "Llama 4", ("Llama4ForConditionalGeneration",), "yes (misnames the pre-FFN norm)",
                  ("Llama4ForConditionalGeneration",)),
-    ProjectorRow("qwen2.5o", "Qwen2.5-Omni (vision + audio)", ("Qwen2_5OmniModel",),
-                 "yes (a vision + audio file; the runtime reads its vision side as `qwen2.5vl_merger`)",
-                 ("Qwen2_5OmniForConditionalGeneration", "Qwen2_5OmniThinkerForConditionalGeneration"),
-                 pending=ISSUE_16_CANDIDATE),
+    ProjectorRow("qwen2.5o", "Qwen2.5-Omni", ("Qwen2_5OmniModel",),
+                 "yes (a vision + audio file; the runtime reads its vision side as `qwen2.5vl_merger`; ggraft writes "
+                 "the vision side only)",
+                 ("Qwen2_5OmniForConditionalGeneration", "Qwen2_5OmniThinkerForConditionalGeneration",
+                  "Qwen2_5OmniThinkerModel")),
     ProjectorRow("lfm2", "LFM2-VL", ("Lfm2VlForConditionalGeneration",), "yes",
                  ("Lfm2VlForConditionalGeneration",)),
     ProjectorRow("kimivl", "Kimi-VL", ("KimiVLForConditionalGeneration",), "yes",
@@ -195,8 +196,9 @@ ROWS: tuple[ProjectorRow, ...] = (
                  "yes (reads a non-negative deepstack hidden-state index as a block number; pairs projectors "
                  "with map entries by sorted order)",
                  ("Granite4VisionForConditionalGeneration",)),
-    ProjectorRow("muse-glimmer", "Muse Glimmer", ("MuseGlimmerForConditionalGeneration",), "yes",
-                 ("MuseGlimmerForConditionalGeneration",), pending=ISSUE_16_CANDIDATE),
+    ProjectorRow("muse-glimmer", "Muse Glimmer", ("MuseGlimmerForConditionalGeneration",),
+                 "yes (`MuseGlimmerForConditionalGeneration`'s layout only)",
+                 ("MuseGlimmerForConditionalGeneration", "MuseGlimmerModel")),
 )
 
 #: the other projector types of clip-impl.h: audio encoders and speech generation (TTS), not

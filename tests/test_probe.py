@@ -149,6 +149,8 @@ HY_IMAGE = "<｜hy_place▁holder▁no▁100｜><｜hy_place▁holder▁no▁102
 FAMILIES = {
     "llava": ("llava", "build", None, "<image>", 16),
     "llava_siglip": ("llava_siglip", "build", None, "<image>", 100),
+    "qwen2.5omni": ("qwen25omni", "build", None, "<|vision_bos|><|IMAGE|><|vision_eos|>", 48),
+    "muse_glimmer": ("muse_glimmer", "build", None, "<|image_start|><|patch|><|image_end|>", 15),
     "gemma3": ("gemma3", "build", None, "<start_of_image>", 16),
     "idefics3": ("idefics3", "build", None, "<image>", 16),
     "internvl": ("internvl", "build", None, "<IMG_CONTEXT>", 16),

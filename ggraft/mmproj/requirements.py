@@ -239,6 +239,15 @@ PROJECTORS: dict[str, Projector] = {
         blocks=VIT,
         rules=MERGE_OVER_ONE + (Rule(lambda h: h["D"] % 4 == 0, "the head width {D} is not a multiple of 4: "
                                      "llama.cpp's kimik25 2D rope splits each head in four sections"),)),
+    "muse-glimmer": Projector(  # models/muse-glimmer.cpp: patch conv, square positions resized to the grid,
+        # windowed 2D-rope ViT, 2x2 pixel shuffle, three bias-free linears (clip.cpp 1701-1711, 2541-2547)
+        keys=(spatial_merge(2),),
+        tensors=(PATCH_CONV, PATCH_BIAS, POS_SQUARE, *PRE_POST_LN,
+                 mm(0, "weight", "E*M*M", "X"), mm(1, "weight", "X", "Y"), mm(2, "weight", "Y", "T")),
+        blocks=VIT,
+        rules=(Rule(lambda h: h["M"] == 2, "{M_key} is {M}; llama.cpp counts muse-glimmer image tokens as 2x2 merges"),
+               Rule(lambda h: h["H"] <= 0 or (h["E"] // h["H"]) % 4 == 0,
+                    "{E_key} {E} over {H_key} {H} heads: llama.cpp's 2D rope needs a head width that is a multiple of 4"))),
     "minimax_m3": Projector(  # models/minimax-m3.cpp: two-frame patch conv, 3D rope ViT, per-patch MLP, 2x2 merge MLP
         keys=(spatial_merge(2),),
         tensors=(*QWEN_PATCH, *NO_BIAS_NO_CLASS, *PRE_POST_LN,
@@ -268,6 +277,8 @@ PROJECTORS: dict[str, Projector] = {
                  w(MT.V_MMPROJ_FC, "E", "T"), b(MT.V_MMPROJ_FC, "T", need=REQUIRED), Tensor(TN[MT.V_ENC_EMBD_VSEP], ("T",))),
         blocks=VIT, rules=SAM_RULES),
 }
+#: clip.cpp:1291-1296 reads a qwen2.5o file's vision side as qwen2.5vl_merger before any key or tensor
+PROJECTORS["qwen2.5o"] = PROJECTORS["qwen2.5vl_merger"]
 
 #: models/glm4v.cpp runs glm5v too (clip.cpp 1090-1094, loader shared at 2613-2627); clip.cpp 1775-1787 adds a
 #: required SwiGLU clamp (clip-impl.h:66, not in gguf-py 0.19) and token budget, asserted positive by mtmd's
