@@ -34,15 +34,22 @@ ADDED_IN_GRAPH = (".query", ".img_pos")
 #: tables llama.cpp's graphs resample with ``ggml_interpolate``, which asserts f32 (ggml.c:5176):
 #: DeepSeek-OCR's SAM relative positions, resized for tiles (models/deepseekocr.cpp get_rel_pos)
 RESAMPLED_IN_GRAPH = (".attn.pos_h.weight", ".attn.pos_w.weight")
+#: MoE routers (dots3-note's tower): clip.cpp's build_moe_ffn picks experts from them, and ggml rounds
+#: their input to the weight's type, so near-tied choices flip; llama.cpp's converter keeps them f32 too
+ROUTERS = (".ffn_gate_inp.",)
+#: stacked experts (experts, rows, cols): matrices for ggml_mul_mat_id (which takes bf16 and q8_0), not kernels
+EXPERTS = ("_exps.",)
 #: the image tokens (and their ids) a converted mmproj expects, written by convert and graft
 IMAGE_TOKENS_KEY, IMAGE_TOKEN_IDS_KEY = PROVENANCE_PREFIX + "image_tokens", PROVENANCE_PREFIX + "image_token_ids"
 
 
 def tensor_type(name: str, shape: tuple[int, ...], outtype: Q) -> Q:
     """The one dtype policy for mmproj tensors (see the module docstring)."""
-    if sum(d > 1 for d in shape) < 2 or name.startswith(KEEP_F32) or name.endswith((".bias", *ADDED_IN_GRAPH, *RESAMPLED_IN_GRAPH)):
+    experts = any(e in name for e in EXPERTS)
+    if sum(d > 1 for d in shape) < 2 or name.startswith(KEEP_F32) or any(r in name for r in ROUTERS) \
+            or name.endswith((".bias", *ADDED_IN_GRAPH, *RESAMPLED_IN_GRAPH)):
         return Q.F32
-    if name.startswith(PATCH_EMBD) or len(shape) > 2:  # a convolution kernel: ggml's take f32 or f16,
+    if name.startswith(PATCH_EMBD) or (len(shape) > 2 and not experts):  # a convolution kernel: ggml's take f32 or f16,
         # and a depthwise one (one input channel per group) only f16: ggml_conv_2d_dw builds an f16 im2col
         depthwise = len(shape) == 4 and shape[1] == 1
         return Q.F32 if outtype == Q.F32 and not depthwise else Q.F16
@@ -50,7 +57,7 @@ def tensor_type(name: str, shape: tuple[int, ...], outtype: Q) -> Q:
         if name.startswith(TRANSPOSED_IN_GRAPH):
             return Q.F16
         block = gguf.GGML_QUANT_SIZES[Q.Q8_0][0]
-        return Q.Q8_0 if len(shape) == 2 and shape[-1] % block == 0 else Q.F16
+        return Q.Q8_0 if (len(shape) == 2 or experts) and shape[-1] % block == 0 else Q.F16
     return outtype
 
 
