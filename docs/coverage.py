@@ -26,7 +26,6 @@ from dataclasses import dataclass
 
 TRANSFORMERS_READ = "5.24"  # the transformers release the ``transformers`` column was read from
 
-ISSUE_16_CANDIDATE = "candidate (issue 16: transformers builds it)"
 NO_REFERENCE = "no transformers model to prove a conversion against"
 REMOTE_CODE = "no class (remote code only)"
 
@@ -138,8 +137,12 @@ ROWS: tuple[ProjectorRow, ...] = (
     ProjectorRow("dots_ocr", "dots.ocr", ("DotsOCRForCausalLM",), "yes",
                  transformers_note=REMOTE_CODE, pending=NO_REFERENCE),
     ProjectorRow("dots3note_v", "dots3-note (vision + audio)",
-                 ("Dots3NoteForConditionalGeneration", "Dots3NoteForCausalLM"), "yes (vision + audio file)",
-                 ("Dots3NoteForConditionalGeneration",), pending=ISSUE_16_CANDIDATE),
+                 ("Dots3NoteForConditionalGeneration", "Dots3NoteForCausalLM"),
+                 "yes (a vision + audio file: asserts an audio tower; reads the hub's config names `embed_dim`, "
+                 "`pyramid_num_routed`, `capacity_factor`, which transformers' own `save_pretrained` config lacks; "
+                 "refuses `router_scale` other than 1)",
+                 ("Dots3NoteForConditionalGeneration",),
+                 "`Dots3NoteForCausalLM`, the released config's architecture, is the text model in transformers"),
     ProjectorRow("deepseekocr", "DeepSeek-OCR, Unlimited-OCR",
                  ("DeepseekOCRForCausalLM", "UnlimitedOCRForCausalLM", "UnlimitedOcrForConditionalGeneration"),
                  "yes, as `DeepseekOCRForCausalLM`, `UnlimitedOCRForCausalLM` (remote-code configs only; fixes the "
@@ -174,9 +177,10 @@ ROWS: tuple[ProjectorRow, ...] = (
                  pending=f"GLM-5.2-Vision: {NO_REFERENCE}"),
     ProjectorRow("nemotron_v2_vl", "Nemotron Nano 12B v2 VL, Nemotron 3 Nano Omni (vision)",
                  ("NemotronH_Nano_VL_V2", "NemotronH_Omni_Reasoning_V3"),
-                 "yes (`NemotronH_Nano_VL_V2` and RADIO towers)",
+                 "`NemotronH_Nano_VL_V2` and RADIO towers only (fixes ViT-H's shapes and a 512-pixel image; "
+                 "resamples the position table with `align_corners=True`; drops the tower's final LayerNorm)",
                  ("NemotronH_Omni_Reasoning_V3",), "Nano 12B v2 VL: remote code only",
-                 pending=f"the Omni model: {ISSUE_16_CANDIDATE}; Nano 12B v2 VL: {NO_REFERENCE}"),
+                 pending=f"Nano 12B v2 VL: {NO_REFERENCE}"),
     ProjectorRow("hunyuanvl", "HunyuanOCR", ("HunYuanVLForConditionalGeneration",), "yes",
                  ("HunYuanVLForConditionalGeneration",)),
     ProjectorRow("exaone4_5", "EXAONE 4.5", ("Exaone4_5_ForConditionalGeneration",),

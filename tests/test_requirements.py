@@ -276,8 +276,11 @@ def test_tables_are_consistent(projector):
     values = {CV.EMBEDDING_LENGTH: 32, CV.Attention.HEAD_COUNT: 4, CV.BLOCK_COUNT: 2, CV.IMAGE_SIZE: 32,
               CV.PATCH_SIZE: 8, CV.IMAGE_MEAN: [0.5] * 3, CV.IMAGE_STD: [0.5] * 3, CV.FEED_FORWARD_LENGTH: 64,
               CV.PROJECTION_DIM: 48, gguf.Keys.Clip.HAS_VISION_ENCODER: True, CV.Projector.SCALE_FACTOR: 2}
-    if projector in ("idefics3", "lfm2"):
+    if projector in ("idefics3", "lfm2", "nemotron_v2_vl"):
         types[CV.Projector.SCALE_FACTOR] = (VT.UINT32, None)
+        shapes = needed_tensors(projector, {**symbols, "M": 2})
+    if projector == "dots3note_v":  # spatial_merge_size is required (clip.cpp:1568): 2 in the minimal header
+        values[CV.SPATIAL_MERGE_SIZE] = 2
         shapes = needed_tensors(projector, {**symbols, "M": 2})
     if projector == "minimax_m3":  # a per-patch MLP to T, then the 2x2 merger MLP to Z
         shapes = needed_tensors(projector, {**symbols, "M": 2, "Z": 48})

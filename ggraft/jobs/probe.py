@@ -183,7 +183,9 @@ def build_inputs(ckpt: Checkpoint, image: Path, prompt: str, model) -> dict[str,
     pv = pixel_values(load_image(image, *conv.test_image_size()), conv.params().image_mean, conv.params().image_std)
     images = conv.model_inputs(pv)
     with torch.no_grad():  # the tower alone, to count the features the forward scatters: a fraction of it
-        n_image = as_rows(language_model(model).get_image_features(**images)).shape[0]
+        lm = language_model(model)
+        features = getattr(lm, "get_image_features", None) or lm.model.get_image_features  # dots3-note: on .model
+        n_image = as_rows(features(**images)).shape[0]
     tok = Tokenizer(ckpt)
     template = chat_template(ckpt)
     text = render_prompt(ckpt, prompt, template)
@@ -303,8 +305,9 @@ def probe(hf_dir: str | Path, image: str | Path, prompt: str = DEFAULT_PROMPT,
     result = forward(language_model(model), inputs, ckpt.architecture)
     if not result.attentions:
         raise InputError(f"{ckpt.architecture}: transformers returned no attention weights")
-    attentions = per_layer(list(result.attentions), len(result.hidden_states) - 1,
-                           (language_config(ckpt.config).get("text_config") or ckpt.config).get("layer_types"))
+    text_config = language_config(ckpt.config).get("text_config") or ckpt.config
+    attentions = per_layer(list(result.attentions), len(result.hidden_states) - 1,  # NemotronH: layers_block_type
+                           text_config.get("layer_types") or text_config.get("layers_block_type"))
     numbers = measure(inputs["input_ids"], attentions, result.hidden_states, image_token_id(ckpt.config), fraction)
     return ProbeReport(checkpoint=str(ckpt.path), architecture=ckpt.architecture, fraction=fraction, **numbers)
 

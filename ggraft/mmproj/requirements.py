@@ -126,6 +126,13 @@ PROJECTORS: dict[str, Projector] = {
         blocks=VIT, rules=FIXED_GRID + MERGE_DIVIDES_GRID + (
             Rule(lambda h: h["min_tiles"] <= h["max_tiles"], "{min_tiles_key} {min_tiles} is over {max_tiles_key} "
                  "{max_tiles}"),)),
+    "nemotron_v2_vl": Projector(  # models/nemotron-v2-vl.cpp: CLS/register rows first (Y of them), positions added
+        # as stored (one per patch of an image_size image), pixel shuffle by M, RMS norm + ReLU² MLP without biases
+        keys=(scale_factor(1),),
+        tensors=(PATCH_CONV, PATCH_BIAS, Tensor(TN[MT.V_ENC_EMBD_CLS], ("E", "Y")), w(MT.V_ENC_EMBD_POS, "E", "G*G"),
+                 *PRE_POST_LN, mm(0, "weight", "E*M*M", table=MT.V_MMPROJ_MLP),
+                 mm(1, "weight", "E*M*M", "X", table=MT.V_MMPROJ_MLP), mm(3, "weight", "X", "T", table=MT.V_MMPROJ_MLP)),
+        blocks=VIT, rules=FIXED_GRID + MERGE_OVER_ONE + MERGE_DIVIDES_GRID),
     "llama4": Projector(  # models/llama4.cpp: linear patches, CLS + positions, pixel shuffle, MLP, projection
         keys=(scale_factor(1),),
         tensors=(w(MT.V_ENC_EMBD_PATCH, "3*P*P", "E"), CLASS, POS_CLS, *PRE_POST_LN,
@@ -146,6 +153,28 @@ PROJECTORS: dict[str, Projector] = {
         blocks=VIT,
         rules=(Rule(lambda h: h["D"] % 4 == 0, "the head width {D} is not a multiple of 4: llama.cpp's paddleocr "
                     "rope splits each head in four sections"),)),
+    "dots3note_v": Projector(  # models/dotsocr.cpp via build_vit: fused qkv + per-head q/k norms, 2D rope, dense
+        # or MoE FFN per block (clip.cpp 2303-2320, build_moe_ffn 706-757), mm.post_norm (post_ln), 2x2 merger MLP
+        keys=(Key(CV.SPATIAL_MERGE_SIZE, u32, REQUIRED, "M"), Key(CV.IMAGE_MIN_PIXELS, u32, REQUIRED, "min_px"),
+              Key(CV.IMAGE_MAX_PIXELS, u32, REQUIRED, "max_px"),
+              Key("clip.vision.expert_used_count", u32, REQUIRED, "K")),  # clip-impl.h:79; not in gguf-py 0.19
+        tensors=(PATCH_CONV, PATCH_BIAS, *PRE_POST_LN, w(MT.V_MM_POST_NORM, "E"), w(MT.V_MM_INP_NORM, "E"),
+                 b(MT.V_MM_INP_NORM, "E", need=REQUIRED), mm(0, "weight", "E*M*M", "X"),
+                 mm(0, "bias", "X", need=REQUIRED), mm(2, "weight", "X", "T"), mm(2, "bias", "T", need=REQUIRED)),
+        blocks=(w(MT.V_ENC_ATTN_QKV, "E", "3*E"), b(MT.V_ENC_ATTN_QKV, "3*E"), *ATTN_OUT,
+                OneOf((FFN, (Tensor("v.blk.{bid}.ffn_gate_exps.weight", ("E", "Fe", "Ne")),  # clip-impl.h 124-128
+                             Tensor("v.blk.{bid}.ffn_up_exps.weight", ("E", "Fe", "Ne")),
+                             Tensor("v.blk.{bid}.ffn_down_exps.weight", ("Fe", "E", "Ne")),
+                             Tensor("v.blk.{bid}.ffn_gate_inp.weight", ("E", "Ne")),
+                             Tensor("v.blk.{bid}.exp_probs_b.weight", ("Ne",), OPTIONAL)))),
+                *NORMS, w(MT.V_ENC_ATTN_Q_NORM, "D", need=OPTIONAL), w(MT.V_ENC_ATTN_K_NORM, "D", need=OPTIONAL)),
+        rules=MERGE_OVER_ONE + (
+            Rule(lambda h: h["H"] * h["D"] == h["E"], "{H_key} {H} times the head width {D} is not {E_key} {E}"),
+            Rule(lambda h: h["D"] % 4 == 0, "the head width {D} is not a multiple of 4: llama.cpp's dots3note_v "
+                 "rope splits each head in four sections"),
+            Rule(lambda h: h["K"] > 0, "{K_key} is {K}: llama.cpp's MoE blocks assert at least one expert per token"),
+            Rule(lambda h: h["min_px"] > 0 and h["max_px"] > 0, "{min_px_key} {min_px} and {max_px_key} {max_px}: "
+                 "mtmd's dyn-size preprocessor asserts both positive"))),
     "granite4_vision": Projector(  # models/granite4-vision.cpp: SigLIP blocks (no CLS), one Window Q-Former
         # per feature layer (v.proj_blk.<b>.*, b < len(feature_layer); checked here for b = 0), anyres tiles
         keys=(Key("clip.vision.feature_layer", VT.ARRAY, REQUIRED, "features", item_type=VT.INT32),
