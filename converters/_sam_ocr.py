@@ -1,7 +1,7 @@
-"""DeepSeek-OCR 2 -> ``deepseekocr2`` and Unlimited-OCR -> ``deepseekocr``: a SAM tower feeding a second
-encoder, then a linear projector (``mm.model.fc``), global view and tiles.
+"""What DeepSeek-OCR 2 (``deepseekocr2.py``) and Unlimited-OCR (``unlimited_ocr.py``) share: a SAM tower
+feeding a second encoder, then a linear projector (``mm.model.fc``), global view and tiles.
 
-Shared (``SamOcr``):
+``SamOcr`` (not registered: each family subclasses it):
 - the SAM tower (16-pixel patch conv, position grid, windowed and global blocks with decomposed
   relative positions, conv neck, two stride-2 convs) is gguf-py's ``v.sam.*`` table under the
   names transformers saves (the released ones, ``model.sam_model.*``); the relative-position tables
@@ -28,7 +28,7 @@ import gguf
 import numpy as np
 
 from ggraft.errors import UnsupportedModelError
-from ggraft.mmproj.converter import Converter, VisionParams, preprocessing, register
+from ggraft.mmproj.converter import Converter, VisionParams, preprocessing
 from ggraft.mmproj.facts import Convention, RuntimeDefect
 
 from ._image_norms import GELU_ACTS, SIGLIP_MEAN, SIGLIP_STD
@@ -175,155 +175,3 @@ class SamOcr(Converter):
         finally:
             for module in resamplers:
                 del module.interpolate_pos_encoding
-
-
-ENCODER2 = re.compile(r"model\.qwen2_model\.model\.model\.layers\.(?P<bid>\d+)\.(?P<part>.+)\.(?P<kind>weight|bias)")
-#: the Qwen2 encoder's block parts (gguf-py 0.19 has no ``qwen2_model`` rows)
-ENCODER2_PARTS = {"self_attn.q_proj": T.V_ENC_ATTN_Q, "self_attn.k_proj": T.V_ENC_ATTN_K,
-                  "self_attn.v_proj": T.V_ENC_ATTN_V, "self_attn.o_proj": T.V_ENC_ATTN_O,
-                  "input_layernorm": T.V_ENC_INPUT_NORM, "post_attention_layernorm": T.V_ENC_POST_ATTN_NORM,
-                  "mlp.gate_proj": T.V_ENC_FFN_GATE, "mlp.up_proj": T.V_ENC_FFN_UP, "mlp.down_proj": T.V_ENC_FFN_DOWN}
-QUERY = re.compile(r"model\.qwen2_model\.query_(?P<side>768|1024)\.weight")
-RESAMPLE_QUERY = "v.resample_query_{side}.weight"  # clip-impl.h TN_RESMPL_QUERY
-#: transformers' DeepseekOcr2VisionEncoderConfig defaults
-ENCODER2_DEFAULTS = dict(hidden_size=4096, intermediate_size=22016, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=32, hidden_act="silu", rms_norm_eps=1e-6, use_sliding_window=False,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
-
-
-@register
-class DeepseekOcr2(SamOcr):
-    """The Qwen2 encoder (``v.blk.*``, ``v.post_ln``) reads the SAM grid and then 256 learned queries (a
-    1024-pixel view) or 144 (a 768-pixel tile), bidirectional over the grid, causal over the queries;
-    only the queries reach ``mm.model.fc``, and ``v.view_seperator`` ends the global view.  llama.cpp
-    runs its rope at base 1e6 (models/deepseekocr2.cpp)."""
-
-    architectures = ("DeepseekOcr2ForConditionalGeneration",)
-    projector_type = "deepseekocr2"  # clip-impl.h PROJECTOR_TYPE_DEEPSEEKOCR2; not in gguf-py 0.19
-    family = "DeepSeek-OCR 2"
-    runtime_defects = (tile_defect("deepseekocr2", 768, "DeepseekOcr2"),)
-    vision_prefixes = (SAM_PREFIX, "model.qwen2_model.", "model.projector.", "model.view_seperator")
-    modules = tuple((re.compile(a), b) for a, b in (
-        (r"model\.vision_tower\.vision_encoder\.", "model.qwen2_model.model.model."),
-        (r"model\.vision_tower\.query_(768|1024)_resolution\.", r"model.qwen2_model.query_\1."),
-        (r"model\.multi_modal_projector\.", "model.projector.layers."),
-        (r"model\.view_separator$", "model.view_seperator")))
-
-    @classmethod
-    def encoder(cls, config) -> dict:
-        enc = {**ENCODER2_DEFAULTS, **((config.get("vision_config") or {}).get("encoder_config") or {})}
-        return {**enc, "num_key_value_heads": enc["num_key_value_heads"] or enc["num_attention_heads"]}
-
-    @classmethod
-    def refuses(cls, config):
-        enc = cls.encoder(config)
-        rope = enc.get("rope_parameters") or {}
-        if reason := cls.sam_refuses(config):
-            return reason
-        if enc["hidden_act"] != "silu" or enc["use_sliding_window"]:
-            return "an encoder without SiLU or with sliding windows (llama.cpp runs SiLU over the whole sequence)"
-        if rope.get("rope_type", "default") != "default" or rope.get("rope_theta") != 1e6:
-            return f"encoder rope {rope} (llama.cpp's deepseekocr2 graph runs default rope at base 1e6)"
-        return None
-
-    def params(self) -> VisionParams:
-        enc = self.encoder(self.config)
-        return self.vision_params(
-            embedding_length=enc["hidden_size"], feed_forward_length=enc["intermediate_size"],
-            block_count=enc["num_hidden_layers"], head_count=enc["num_attention_heads"],
-            layer_norm_eps=enc["rms_norm_eps"], use_gelu=True,  # SAM's
-            extra={gguf.Keys.Attention.HEAD_COUNT_KV.format(arch="clip.vision"): enc["num_key_value_heads"]})
-
-    def rename(self, canonical):
-        if m := ENCODER2.fullmatch(canonical):
-            part = ENCODER2_PARTS.get(m["part"])
-            return part and f"{gguf.TENSOR_NAMES[part].format(bid=m['bid'])}.{m['kind']}"
-        if m := QUERY.fullmatch(canonical):
-            return RESAMPLE_QUERY.format(side=m["side"])
-        if canonical == "model.qwen2_model.model.model.norm.weight":
-            return gguf.TENSOR_NAMES[T.V_POST_NORM] + ".weight"
-        return super().rename(canonical)
-
-
-QKV = re.compile(gguf.TENSOR_NAMES[T.V_ENC_ATTN_QKV].replace(".", r"\.").format(bid=r"(?P<bid>\d+)")
-                 + r"\.(?P<kind>weight|bias)")
-#: transformers' UnlimitedOcrVisionEncoderConfig defaults
-CLIP_DEFAULTS = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                     image_size=224, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5)
-
-
-@register
-class UnlimitedOcr(SamOcr):
-    """A CLIP encoder (``v.blk.*``, CLS, learned positions, ``v.pre_ln``; quick GELU and eps 1e-5 fixed in
-    llama.cpp) takes the SAM grid as its patch embeddings; each token's CLIP and SAM features, side by
-    side, go through ``mm.model.fc``; ``v.image_newline`` ends every row of tokens and
-    ``v.view_seperator`` the global view.  A fused ``qkv_proj`` (the saved layout) is split into q, k, v
-    (transformers' module layout), so both layouts write the same file."""
-
-    architectures = ("UnlimitedOcrForConditionalGeneration",)
-    projector_type = gguf.VisionProjectorType.DEEPSEEKOCR
-    family = "Unlimited-OCR"
-    runtime_defects = (tile_defect("deepseekocr", 640, "UnlimitedOcr"), RuntimeDefect(
-        "deepseekocr", "llama.cpp resizes the CLIP position table for a 640-pixel tile's grid wrongly: it interpolates "
-        "the 2-D table as an image of (width, rows) and reads CLS's row at a byte offset meant as a row index, so "
-        "every tile token gets scrambled positions (the global view keeps the table's own size)",
-        "tools/mtmd/models/deepseekocr.cpp:328-338", seen_up_to="0.3.36"))
-    vision_prefixes = (SAM_PREFIX, "model.vision_model.", "model.projector.", "model.view_seperator",
-                       "model.image_newline")
-    modules = tuple((re.compile(a), b) for a, b in (
-        (r"model\.vision_tower\.vision_encoder\.encoder\.", "model.vision_model.transformer."),
-        (r"model\.vision_tower\.vision_encoder\.", "model.vision_model."),
-        (r"model\.multi_modal_projector\.", "model.projector.layers."),
-        (r"model\.view_separator$", "model.view_seperator")))
-    tile, max_tiles, tile_grid = 640, 32, True
-
-    @classmethod
-    def clip(cls, config) -> dict:
-        return {**CLIP_DEFAULTS, **((config.get("vision_config") or {}).get("encoder_config") or {})}
-
-    @classmethod
-    def refuses(cls, config):
-        clip = cls.clip(config)
-        if reason := cls.sam_refuses(config):
-            return reason
-        if clip["hidden_act"] != "quick_gelu" or clip["layer_norm_eps"] != 1e-5:
-            return (f"a CLIP encoder with {clip['hidden_act']!r} at eps {clip['layer_norm_eps']} (llama.cpp's "
-                    "deepseekocr graph runs quick GELU at eps 1e-5)")
-        return None
-
-    def params(self) -> VisionParams:
-        clip = self.clip(self.config)
-        return self.vision_params(
-            embedding_length=clip["hidden_size"], feed_forward_length=clip["intermediate_size"],
-            block_count=clip["num_hidden_layers"], head_count=clip["num_attention_heads"],
-            layer_norm_eps=clip["layer_norm_eps"], use_gelu=True, extra={})  # use_gelu: SAM's
-
-    def runtime_resamplers(self, model) -> dict:
-        """SAM's grid, and CLIP's table as models/deepseekocr.cpp:328-338 resizes it for a tile: rows 0..n-1
-        (CLS's row first) taken as the grid, ggml_interpolate run over the (width, rows) plane of the 2-D
-        table and the result read back as rows, then the "CLS" row viewed at a byte offset of n (the
-        float32 values from n / 4 on) appended, all added to [CLS, patches] in that order."""
-        import torch
-        import torch.nn.functional as F
-
-        emb = next(m for m in model.modules() if type(m).__name__ == "UnlimitedOcrVisionEmbeddings")
-        own = emb.interpolate_pos_encoding
-
-        def as_llama(embeddings, height, width):
-            table, side = emb.position_embedding.weight, height // emb.patch_size
-            n = table.shape[0] - 1
-            if side * side == n:
-                return own(embeddings, height, width)
-            plane = F.interpolate(table[None, None, :n], size=(side, side), mode="bicubic", align_corners=False)
-            rows = plane.reshape(-1).repeat(table.shape[1]).reshape(side * side, table.shape[1])
-            return torch.cat([rows, table.reshape(-1)[n // 4:n // 4 + table.shape[1]][None]], 0)[None]
-
-        return {**super().runtime_resamplers(model), emb: as_llama}
-
-    def modify(self, gguf_name, tensor):
-        if m := QKV.fullmatch(gguf_name):
-            n = tensor.shape[0] // 3
-            for i, part in enumerate((T.V_ENC_ATTN_Q, T.V_ENC_ATTN_K, T.V_ENC_ATTN_V)):
-                yield f"{gguf.TENSOR_NAMES[part].format(bid=m['bid'])}.{m['kind']}", tensor[i * n:(i + 1) * n]
-        else:
-            yield gguf_name, tensor
