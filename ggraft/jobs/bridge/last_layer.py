@@ -77,7 +77,8 @@ NOT_LINEAR: dict[str, str] = {
 #: projector types ggraft converts whose last layer no bridge test proves yet: refused, not guessed
 NOT_PROVEN: tuple[str, ...] = ("glm4v", "glm5v", "paddleocr", "lightonocr", "janus_pro", "minicpmv4_6",
                                "granite4_vision", "step3vl", "hunyuanvl", "exaone4_5", "kimik25", "deepseekocr",
-                               "deepseekocr2", "minimax_m3")
+                               "deepseekocr2", "minimax_m3", "qwen2.5o", "muse-glimmer", "nemotron_v2_vl",
+                               "dots3note_v")
 #: clamp bounds clip.cpp applies to gemma4v's output after the product (clip.cpp load_tensors, gemma4v)
 OUTPUT_CLAMPS = (".output_min", ".output_max")
 
