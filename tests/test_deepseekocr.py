@@ -15,22 +15,18 @@ an f16 table).  Until the core has it, the tests that would hand llama.cpp such 
 """
 from __future__ import annotations
 
-import ctypes
-import json
-
 import gguf
 import numpy as np
 import pytest
 
-from conftest import (BARS, assert_fidelity, assert_one_line_error, assert_same_tensors, config_variant,
-                      family_fixtures, gguf_tensors, run_cli)
+from conftest import (BARS, assert_audit_finds, assert_fidelity, assert_refused, assert_same_tensors,
+                      cli_convert_and_verify, config_variant, family_fixtures, gguf_tensors, llama_chunks, pair_codes)
 from fixtures import deepseekocr
 from ggraft.gguf_io import gguf_file
 from ggraft.hf.checkpoint import Checkpoint
 from ggraft.jobs import verify as verify_job
 from ggraft.jobs.verify import verify
 from ggraft.mmproj.converter import converter_for
-from ggraft.pair import engine
 
 Q = gguf.GGMLQuantizationType
 LAYOUTS = ("hf", "hf-hub", "hf-state-dict")
@@ -55,49 +51,32 @@ def same_tensors(a, b) -> bool:
     return list(ta) == list(tb) and all(np.array_equal(np.asarray(ta[n].data), np.asarray(tb[n].data)) for n in ta)
 
 
-_verified: set[str] = set()  # the outtypes whose hf/ file is verified (the other layouts write the same file)
+def check_fidelity(family, folder, converted, layout, outtype, verified: set[str], **expected) -> None:
+    """``layout``'s ``outtype`` file passes ``verify`` strictly (``assert_fidelity``, no runtime note);
+    ``verified``: the outtypes whose hf/ file is verified (the other layouts write the same file)."""
+    path = converted(layout, outtype)
+    needs_core(path)
+    if layout != "hf" and outtype in verified and same_tensors(path, converted("hf", outtype)):
+        return  # byte for byte hf/'s file, whose report stands for it
+    report = verify(folder / layout, path, text=folder / "text.gguf")
+    assert_fidelity(family, outtype, report, **expected)
+    assert report.runtime_note is None, report
+    verified.add(outtype)
+
+
+_verified: set[str] = set()
 
 
 @pytest.mark.parametrize("outtype", list(BARS))
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_fidelity(layout, outtype, folder, converted):
-    path = converted(layout, outtype)
-    needs_core(path)
-    if layout != "hf" and outtype in _verified and same_tensors(path, converted("hf", outtype)):
-        return  # byte for byte hf/'s file, whose report below stands for it
-    report = verify(folder / layout, path, text=folder / "text.gguf")
-    assert_fidelity("deepseekocr2", outtype, report, tokens=GLOBAL_TOKENS, image_size=(768, 768))
-    assert report.runtime_note is None, report
-    _verified.add(outtype)
+    check_fidelity("deepseekocr2", folder, converted, layout, outtype, _verified, tokens=GLOBAL_TOKENS,
+                   image_size=(768, 768))
 
 
-def encode_every_chunk(mmproj, text, img, n_embd) -> list[np.ndarray]:
+def image_chunks(mmproj, text, img, n_embd) -> list[np.ndarray]:
     """llama.cpp's embeddings for each image chunk of one image, in prompt order (tiles, then the global view)."""
-    from llama_cpp import mtmd_cpp as m
-
-    model = engine.load_text_model(text)
-    enc = engine.VisionEncoder(mmproj, model)
-    rgb = np.ascontiguousarray(img)
-    bitmap = m.mtmd_bitmap_init(rgb.shape[1], rgb.shape[0], (ctypes.c_uint8 * rgb.size).from_buffer_copy(rgb.tobytes()))
-    chunks = m.mtmd_input_chunks_init()
-    try:
-        part = m.mtmd_input_part(text=None, bitmap=bitmap)
-        assert m.mtmd_tokenize_from_parts(enc.ctx, chunks, (ctypes.POINTER(m.mtmd_input_part) * 1)(
-            ctypes.pointer(part)), 1, False) == 0
-        out = []
-        for i in range(m.mtmd_input_chunks_size(chunks)):
-            chunk = m.mtmd_input_chunks_get(chunks, i)
-            if m.mtmd_input_chunk_get_type(chunk) == m.MTMD_INPUT_CHUNK_TYPE_IMAGE:
-                assert m.mtmd_encode_chunk(enc.ctx, chunk) == 0
-                n = m.mtmd_input_chunk_get_n_tokens(chunk)
-                out.append(np.ctypeslib.as_array(m.mtmd_get_output_embd(enc.ctx), shape=(n * n_embd,))
-                           .reshape(n, n_embd).copy())
-        return out
-    finally:
-        m.mtmd_input_chunks_free(chunks)
-        m.mtmd_bitmap_free(bitmap)
-        enc.close()
-        engine.free_text_model(model)
+    return [c for kind, c in llama_chunks(mmproj, text, img, n_embd) if kind == "image"]
 
 
 def test_whole_tiled_image(folder, converted):
@@ -105,7 +84,7 @@ def test_whole_tiled_image(folder, converted):
     then the global view; transformers' pixels come from its own image processor."""
     path = converted("hf", "f32")
     img = verify_job.test_image(1024, 1024)
-    chunks = encode_every_chunk(path, folder / "text.gguf", img, TEXT_WIDTH)
+    chunks = image_chunks(path, folder / "text.gguf", img, TEXT_WIDTH)
     assert [len(c) for c in chunks] == [TILE_TOKENS, TILE_TOKENS, GLOBAL_TOKENS]
     conv = converter_for(Checkpoint(folder / "hf"))
     ref, runtime = verify_job.reference_embeddings(conv, verify_job.load_reference_model(conv.ckpt), img)
@@ -152,55 +131,27 @@ def test_layouts_write_identical_files(layout, converted):
     assert_same_tensors(converted("hf", "f32"), converted(layout, "f32"), ordered=True)
 
 
-def nested_variant(src, dst, sam=None, encoder=None, processor=None):
-    """A copy of checkpoint ``src`` with vision_config's sam_config and encoder_config and
-    preprocessor_config.json updated (config_variant changes vision_config's own entries only)."""
-    config_variant(src, dst, preprocessor=processor)
-    cfg = json.loads((dst / "config.json").read_text())
-    cfg["vision_config"]["sam_config"].update(sam or {})
-    cfg["vision_config"]["encoder_config"].update(encoder or {})
-    (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
-
-
 @pytest.mark.parametrize("changes,needle", [
-    (dict(sam={"global_attn_indexes": [1]}), "SAM global_attn_indexes [1]"),
-    (dict(sam={"layer_norm_eps": 1e-5}), "SAM layer_norm_eps 1e-05"),
-    (dict(encoder={"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}), "encoder rope"),
-    (dict(processor={"tile_size": 640}), "preprocessor tile_size 640"),
+    (dict(vision={"sam_config.global_attn_indexes": [1]}), "SAM global_attn_indexes [1]"),
+    (dict(vision={"sam_config.layer_norm_eps": 1e-5}), "SAM layer_norm_eps 1e-05"),
+    (dict(vision={"encoder_config.rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}), "encoder rope"),
+    (dict(preprocessor={"tile_size": 640}), "preprocessor tile_size 640"),
 ])
 def test_inexpressible_config_is_refused(changes, needle, folder, tmp_path):
-    src = nested_variant(folder / "hf", tmp_path / "ckpt", **changes)
-    res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
-    assert_one_line_error(res, needle)
-    assert not (tmp_path / "m.gguf").exists()
+    assert_refused(config_variant(folder / "hf", tmp_path / "ckpt", **changes), tmp_path, needle)
 
 
 def test_check_finds_the_newline_boundary(folder, converted):
-    from ggraft.pair.check import check_pair
-
-    report = check_pair(folder / "text.gguf", converted("hf", "f16"))
-    assert report.ok, report.findings
-    codes = {f.code: f for f in report.findings}
+    codes = pair_codes(folder / "text.gguf", converted("hf", "f16"))
     assert "'\\n'" in codes["boundary-tokens"].message and codes["boundary-tokens"].severity == "info"
     assert codes["width"].severity == "info"
     assert codes["runtime-defect"].severity == "warning" and DEFECT in codes["runtime-defect"].message
 
 
 def test_audit_finds_the_image_token(folder):
-    for source in (folder / "text.gguf", folder / "hf"):
-        data = json.loads(run_cli("audit", source, "--json").stdout)
-        family = next(f for f in data["families"] if f["family"] == "LLaVA")
-        assert family["found"] == family["expected"] == 1
-        assert any("DeepseekOcr2ForConditionalGeneration" in d for d in data["donors"]["LLaVA"])
+    assert_audit_finds(folder, "LLaVA", 1, "DeepseekOcr2ForConditionalGeneration")
 
 
 def test_convert_and_verify_cli(folder, tmp_path):
-    out = tmp_path / "mmproj.gguf"
-    res = run_cli("convert", folder / "hf-hub", "-o", out, "--outtype", "bf16", "--json")
-    assert res.code == 0, res.stderr
-    needs_core(out)
-    res = run_cli("verify", folder / "hf-hub", out, "--text", folder / "text.gguf", "--json")
-    data = json.loads(res.stdout)
-    assert res.code == 0 and data["passed"] and data["projector_type"] == "deepseekocr2", data
-    assert data["result"]["tokens"] == GLOBAL_TOKENS and data["result"]["min_cosine"] >= BARS["bf16"]
+    cli_convert_and_verify(folder / "hf-hub", tmp_path, "bf16", text=folder / "text.gguf", before_verify=needs_core,
+                           projector="deepseekocr2", tokens=GLOBAL_TOKENS)

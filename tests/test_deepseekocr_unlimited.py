@@ -10,21 +10,18 @@ edit of tools/tasks/deepseekocr.shared.md (SAM's position tensors kept f32), as 
 """
 from __future__ import annotations
 
-import json
-
 import gguf
 import numpy as np
 import pytest
 
-from conftest import (BARS, assert_fidelity, assert_one_line_error, assert_same_tensors, family_fixtures,
-                      gguf_tensors, run_cli)
+from conftest import (BARS, assert_audit_finds, assert_refused, assert_same_tensors, cli_convert_and_verify,
+                      config_variant, family_fixtures, gguf_tensors)
 from fixtures import deepseekocr
 from ggraft.gguf_io import gguf_file
 from ggraft.hf.checkpoint import Checkpoint
 from ggraft.jobs import verify as verify_job
-from ggraft.jobs.verify import verify
 from ggraft.mmproj.converter import converter_for
-from test_deepseekocr import encode_every_chunk, needs_core, nested_variant, same_tensors
+from test_deepseekocr import check_fidelity, image_chunks, needs_core
 
 Q = gguf.GGMLQuantizationType
 LAYOUTS = ("hf", "hf-hub", "hf-state-dict")
@@ -35,25 +32,19 @@ DEFECT = "deepseekocr.cpp:328-338"
 
 folder, converted = family_fixtures(lambda: deepseekocr.build_unlimited(), "unlimited")
 
-_verified: set[str] = set()  # the outtypes whose hf/ file is verified (the other layouts write the same file)
+_verified: set[str] = set()
 
 
 @pytest.mark.parametrize("outtype", list(BARS))
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_fidelity(layout, outtype, folder, converted):
-    path = converted(layout, outtype)
-    needs_core(path)
-    if layout != "hf" and outtype in _verified and same_tensors(path, converted("hf", outtype)):
-        return  # byte for byte hf/'s file, whose report stands for it
-    report = verify(folder / layout, path, text=folder / "text.gguf")
-    assert_fidelity("unlimitedocr", outtype, report, tokens=GLOBAL_TOKENS, image_size=(640, 640))
-    assert report.runtime_note is None, report
-    _verified.add(outtype)
+    check_fidelity("unlimitedocr", folder, converted, layout, outtype, _verified, tokens=GLOBAL_TOKENS,
+                   image_size=(640, 640))
 
 
 def test_tiles_deviate_by_the_runtimes_position_tables(folder, converted):
     img = verify_job.test_image(1024, 1024)
-    chunks = encode_every_chunk(converted("hf", "f32"), folder / "text.gguf", img, TEXT_WIDTH)
+    chunks = image_chunks(converted("hf", "f32"), folder / "text.gguf", img, TEXT_WIDTH)
     assert [len(c) for c in chunks] == [ROW_TOKENS, ROW_TOKENS, GLOBAL_TOKENS]
     conv = converter_for(Checkpoint(folder / "hf"))
     ref, runtime = verify_job.reference_embeddings(conv, verify_job.load_reference_model(conv.ckpt), img)
@@ -95,14 +86,11 @@ def test_layouts_write_identical_files(layout, converted):
 
 
 @pytest.mark.parametrize("changes,needle", [
-    ({"hidden_act": "gelu"}, "a CLIP encoder with 'gelu'"),
-    ({"layer_norm_eps": 1e-6}, "at eps 1e-06"),
+    ({"encoder_config.hidden_act": "gelu"}, "a CLIP encoder with 'gelu'"),
+    ({"encoder_config.layer_norm_eps": 1e-6}, "at eps 1e-06"),
 ])
 def test_inexpressible_config_is_refused(changes, needle, folder, tmp_path):
-    src = nested_variant(folder / "hf", tmp_path / "ckpt", encoder=changes)
-    res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
-    assert_one_line_error(res, needle)
-    assert not (tmp_path / "m.gguf").exists()
+    assert_refused(config_variant(folder / "hf", tmp_path / "ckpt", vision=changes), tmp_path, needle)
 
 
 def test_check_warns_of_the_tile_defects(folder, converted):
@@ -116,19 +104,10 @@ def test_check_warns_of_the_tile_defects(folder, converted):
 
 
 def test_audit_names_both_donors(folder):
-    data = json.loads(run_cli("audit", folder / "text.gguf", "--json").stdout)
-    family = next(f for f in data["families"] if f["family"] == "LLaVA")
-    assert family["found"] == family["expected"] == 1
-    donors = " ".join(data["donors"]["LLaVA"])
-    assert "UnlimitedOcrForConditionalGeneration" in donors and "DeepseekOcr2ForConditionalGeneration" in donors
+    assert_audit_finds(folder, "LLaVA", 1, "UnlimitedOcrForConditionalGeneration",
+                       "DeepseekOcr2ForConditionalGeneration", sources=("text.gguf",))
 
 
 def test_convert_and_verify_cli(folder, tmp_path):
-    out = tmp_path / "mmproj.gguf"
-    res = run_cli("convert", folder / "hf-state-dict", "-o", out, "--outtype", "q8_0", "--json")
-    assert res.code == 0, res.stderr
-    needs_core(out)
-    res = run_cli("verify", folder / "hf-state-dict", out, "--text", folder / "text.gguf", "--json")
-    data = json.loads(res.stdout)
-    assert res.code == 0 and data["passed"] and data["projector_type"] == "deepseekocr", data
-    assert data["result"]["tokens"] == GLOBAL_TOKENS and data["result"]["min_cosine"] >= BARS["q8_0"]
+    cli_convert_and_verify(folder / "hf-state-dict", tmp_path, "q8_0", text=folder / "text.gguf",
+                           before_verify=needs_core, projector="deepseekocr", tokens=GLOBAL_TOKENS)

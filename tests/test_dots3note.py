@@ -15,14 +15,12 @@ letterboxed by llama.cpp and stretched by transformers' processor (``test_unalig
 """
 from __future__ import annotations
 
-import json
-
 import gguf
 import numpy as np
 import pytest
 
-from conftest import (BARS, assert_fidelity, assert_one_line_error, assert_same_tensors, config_variant,
-                      family_fixtures, gguf_tensors, run_cli)
+from conftest import (BARS, assert_fidelity, assert_refused, assert_same_tensors, changed_config,
+                      cli_convert_and_verify, config_variant, family_fixtures, gguf_tensors, pair_codes)
 from fixtures import dots3note
 from ggraft.gguf_io import gguf_file
 from ggraft.hf.checkpoint import Checkpoint
@@ -186,25 +184,18 @@ def test_router_scaling_is_folded_into_the_experts(folder, tmp_path):
 def test_inexpressible_config_is_refused(changes, needle, folder):
     from ggraft.converters.dots3note import Dots3Note
 
-    config = json.loads((folder / "hf" / "config.json").read_text())
-    config["vision_config"].update(changes)
+    config = changed_config(folder / "hf", changes)
     assert needle in Dots3Note.refuses(config)
     assert "no vision_config" in Dots3Note.refuses({**config, "vision_config": None})
 
 
 def test_refusal_is_one_line(folder, tmp_path):
     src = config_variant(folder / "hf", tmp_path / "ckpt", vision={"hidden_act": "gelu_pytorch_tanh"})
-    res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
-    assert_one_line_error(res, "Dots3NoteForConditionalGeneration", "SiLU only")
-    assert not (tmp_path / "m.gguf").exists()
+    assert_refused(src, tmp_path, "Dots3NoteForConditionalGeneration", "SiLU only")
 
 
 def test_check_finds_boundary_tokens(folder, converted):
-    from ggraft.pair.check import check_pair
-
-    report = check_pair(folder / "text.gguf", converted("hf", "f16"))
-    assert report.ok, report.findings
-    codes = {f.code: f for f in report.findings}
+    codes = pair_codes(folder / "text.gguf", converted("hf", "f16"))
     assert "<|img|>" in codes["boundary-tokens"].message and "<|endofimg|>" in codes["boundary-tokens"].message
     assert codes["width"].severity == "info" and codes["chat-template"].severity == "info"
     assert codes["runtime-defect"].severity == "warning" and "mtmd-image.cpp:787" in codes["runtime-defect"].message
@@ -220,10 +211,4 @@ def test_audit_finds_dots3note_tokens(folder):
 
 
 def test_convert_and_verify_cli(folder, tmp_path):
-    out = tmp_path / "mmproj.gguf"
-    res = run_cli("convert", folder / "hf-hub", "-o", out, "--outtype", "bf16", "--json")
-    assert res.code == 0, res.stderr
-    assert json.loads(res.stdout)["projector_type"] == "dots3note_v"
-    res = run_cli("verify", folder / "hf-hub", out, "--text", folder / "text.gguf", "--json")
-    data = json.loads(res.stdout)
-    assert res.code == 0 and data["passed"] and data["projector_type"] == "dots3note_v", res.stdout
+    cli_convert_and_verify(folder / "hf-hub", tmp_path, "bf16", text=folder / "text.gguf", projector="dots3note_v")

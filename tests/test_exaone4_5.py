@@ -20,8 +20,9 @@ import gguf
 import numpy as np
 import pytest
 
-from conftest import (BARS, assert_fidelity, assert_one_line_error, assert_same_tensors, config_variant,
-                      family_fixtures, gguf_tensors, run_cli)
+from conftest import (BARS, assert_audit_finds, assert_fidelity, assert_refused, assert_same_tensors, changed_config,
+                      cli_convert_and_verify, config_variant, family_fixtures, gguf_tensors, pair_codes,
+                      window_attention_cosines)
 from fixtures import exaone4_5
 from ggraft.gguf_io import gguf_file
 from ggraft.hf.checkpoint import Checkpoint
@@ -83,19 +84,9 @@ def test_layouts_write_identical_files(layout, converted):
 def test_test_image_exercises_the_windows(folder):
     """transformers' own features for the test image change when every block attends fully: the
     fidelity tests compare window attention, not its absence."""
-    import torch
-
-    from ggraft.jobs.verify import load_reference_model, pixel_values, test_image
-
-    ckpt = Checkpoint(folder / "hf")
-    conv, model = converter_for(ckpt), load_reference_model(ckpt)
-    pv = pixel_values(test_image(*conv.test_image_size()), conv.params().image_mean, conv.params().image_std)
-    visual = model.model.visual
-    with torch.no_grad():
-        windowed = conv.reference_features(model, pv).pooler_output[0]
-        visual.fullatt_block_indexes = [0, 1, 2]
-        full = conv.reference_features(model, pv).pooler_output[0]
-    assert torch.nn.functional.cosine_similarity(windowed, full, dim=-1).min() < 0.99
+    attend_fully = lambda m: setattr(m.model.visual, "fullatt_block_indexes", [0, 1, 2])  # noqa: E731
+    (cos,) = window_attention_cosines(folder / "hf", attend_fully)
+    assert cos.min() < 0.99
 
 
 def test_window_size_llama_cpp_ignores_is_named(tmp_path):
@@ -157,43 +148,24 @@ def test_transformers_5_processor_size_gives_the_pixel_limits(folder, tmp_path):
 def test_inexpressible_config_is_refused(changes, needle, folder):
     from ggraft.converters.exaone4_5 import Exaone45
 
-    config = json.loads((folder / "hf" / "config.json").read_text())
-    config["vision_config"].update(changes)
-    assert needle in Exaone45.refuses(config)
+    assert needle in Exaone45.refuses(changed_config(folder / "hf", changes))
 
 
 def test_refusal_is_one_line(folder, tmp_path):
     src = config_variant(folder / "hf", tmp_path / "ckpt", vision={"fullatt_block_indexes": [0, 1]})
-    res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
-    assert_one_line_error(res, "Exaone4_5_ForConditionalGeneration", "fullatt_block_indexes [0, 1] is not periodic")
-    assert not (tmp_path / "m.gguf").exists()
+    assert_refused(src, tmp_path, "Exaone4_5_ForConditionalGeneration", "fullatt_block_indexes [0, 1] is not periodic")
 
 
 def test_check_finds_boundary_tokens(folder, converted):
-    from ggraft.pair.check import check_pair
-
-    report = check_pair(folder / "text.gguf", converted("hf", "f16"))
-    assert report.ok, report.findings
-    codes = {f.code: f for f in report.findings}
+    codes = pair_codes(folder / "text.gguf", converted("hf", "f16"))
     assert "<vision>" in codes["boundary-tokens"].message and "</vision>" in codes["boundary-tokens"].message
     assert codes["width"].severity == "info" and codes["chat-template"].severity == "info"
     assert "runtime-defect" not in codes  # 112-pixel windows: what the runtime uses
 
 
 def test_audit_finds_exaone_tokens(folder):
-    from ggraft.jobs.audit import audit
-
-    for source in (folder / "text.gguf", folder / "hf"):
-        report = audit(source)
-        assert {"family": "EXAONE 4.5", "found": 4, "expected": 4} in report.families
-        assert any("Exaone4_5_ForConditionalGeneration" in d for d in report.donors["EXAONE 4.5"])
+    assert_audit_finds(folder, "EXAONE 4.5", 4, "Exaone4_5_ForConditionalGeneration", library=True)
 
 
 def test_convert_and_verify_cli(folder, tmp_path):
-    out = tmp_path / "mmproj.gguf"
-    res = run_cli("convert", folder / "hf-hub", "-o", out, "--outtype", "bf16", "--json")
-    assert res.code == 0, res.stderr
-    assert json.loads(res.stdout)["projector_type"] == "exaone4_5"
-    res = run_cli("verify", folder / "hf-hub", out, "--text", folder / "text.gguf", "--json")
-    data = json.loads(res.stdout)
-    assert res.code == 0 and data["passed"] and data["projector_type"] == "exaone4_5", res.stdout
+    cli_convert_and_verify(folder / "hf-hub", tmp_path, "bf16", text=folder / "text.gguf", projector="exaone4_5")

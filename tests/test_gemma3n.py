@@ -12,8 +12,8 @@ import gguf
 import numpy as np
 import pytest
 
-from conftest import (BARS, assert_fidelity, assert_one_line_error, assert_same_tensors, config_variant,
-                      family_fixtures, gguf_tensors, run_cli)
+from conftest import (BARS, assert_audit_finds, assert_fidelity, assert_refused, assert_same_tensors,
+                      cli_convert_and_verify, config_variant, family_fixtures, gguf_tensors, pair_codes)
 from fixtures import gemma3n
 from ggraft.gguf_io import gguf_file
 from ggraft.hf.checkpoint import Checkpoint
@@ -111,7 +111,7 @@ def _blocks(edit):
 
 
 @pytest.mark.parametrize("changes,needle", [
-    ({"config": {"text_config": {"hidden_size": 1536}}}, "clip_n_mmproj_embd"),
+    ({"config": {"text_config.hidden_size": 1536}}, "clip_n_mmproj_embd"),  # in the saved text_config
     ({"config": {"vision_soft_tokens_per_image": 64}}, "vision_soft_tokens_per_image 64"),
     ({"vision": {"architecture": "mobilenetv5_base"}}, "'mobilenetv5_base'"),
     ({"vision": {"rms_norm_eps": 1e-5}}, "rms_norm_eps"),
@@ -123,47 +123,27 @@ def _blocks(edit):
     ({"preprocessor": {"size": {"height": 384, "width": 384}}}, "384x384"),
 ])
 def test_inexpressible_config_is_refused(changes, needle, folder, tmp_path):
-    config = dict(changes.get("config") or {})
-    if "text_config" in config:  # merged into the saved text_config, not replacing it
-        saved = json.loads((folder / "hf" / "config.json").read_text())["text_config"]
-        config["text_config"] = {**saved, **config["text_config"]}
     src = config_variant(folder / "hf", tmp_path / "ckpt", vision=changes.get("vision"),
-                         preprocessor=changes.get("preprocessor"), **config)
-    assert_one_line_error(run_cli("convert", src, "-o", tmp_path / "m.gguf"), needle)
-    assert not (tmp_path / "m.gguf").exists()
+                         preprocessor=changes.get("preprocessor"), **changes.get("config", {}))
+    assert_refused(src, tmp_path, needle)
 
 
 def test_unmappable_tensor_is_named(folder, tmp_path):
     stray = TOWER + "blocks.1.1.se.conv_reduce.weight"  # squeeze-excite: no llama.cpp equivalent
     src = config_variant(folder / "hf", tmp_path / "ckpt", extra={stray: np.zeros((4, 16, 1, 1), np.float32)})
-    assert_one_line_error(run_cli("convert", src, "-o", tmp_path / "m.gguf"), stray)
-    assert not (tmp_path / "m.gguf").exists()
+    assert_refused(src, tmp_path, stray)
 
 
 def test_check_finds_boundary_tokens(folder, converted):
-    from ggraft.pair.check import check_pair
-
-    report = check_pair(folder / "text.gguf", converted("hf", "f16"))
-    assert report.ok, report.findings
-    codes = {f.code: f for f in report.findings}
+    codes = pair_codes(folder / "text.gguf", converted("hf", "f16"))
     boundary = codes["boundary-tokens"].message
     assert "<start_of_image>" in boundary and "<end_of_image>" in boundary
     assert codes["width"].severity == "info"
 
 
 def test_audit_finds_gemma_tokens(folder):
-    for source in (folder / "text.gguf", folder / "hf"):
-        data = json.loads(run_cli("audit", source, "--json").stdout)
-        family = next(f for f in data["families"] if f["family"] == "Gemma 3")
-        assert family["found"] == family["expected"] == 3
-        assert any("Gemma3nForConditionalGeneration" in d for d in data["donors"]["Gemma 3"])
-        assert any("Gemma3ForConditionalGeneration" in d for d in data["donors"]["Gemma 3"])
+    assert_audit_finds(folder, "Gemma 3", 3, "Gemma3nForConditionalGeneration", "Gemma3ForConditionalGeneration")
 
 
 def test_convert_and_verify_cli(folder, tmp_path):
-    out = tmp_path / "mmproj.gguf"
-    res = run_cli("convert", folder / "hf-hub", "-o", out, "--outtype", "q8_0", "--json")
-    assert res.code == 0, res.stderr
-    res = run_cli("verify", folder / "hf-hub", out, "--text", folder / "text.gguf", "--json")
-    data = json.loads(res.stdout)
-    assert res.code == 0 and data["passed"] and data["projector_type"] == "gemma3nv", res.stderr
+    cli_convert_and_verify(folder / "hf-hub", tmp_path, "q8_0", text=folder / "text.gguf", projector="gemma3nv")

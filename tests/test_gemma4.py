@@ -7,14 +7,12 @@ llama.cpp takes unresized (it resizes anything under 70 tokens).  mtmd writes ``
 """
 from __future__ import annotations
 
-import json
-
 import gguf
 import numpy as np
 import pytest
 
-from conftest import (BARS, assert_fidelity, assert_one_line_error, assert_same_tensors, config_variant,
-                      families_fixtures, gguf_tensors, run_cli)
+from conftest import (BARS, assert_fidelity, assert_refused, assert_same_tensors, cli_convert_and_verify,
+                      config_variant, families_fixtures, gguf_tensors, run_cli)
 from fixtures import gemma4
 from ggraft.gguf_io import gguf_file
 from ggraft.hf.checkpoint import Checkpoint
@@ -130,9 +128,7 @@ def test_the_clamps_bite(fixture_dirs):
 ])
 def test_unmappable_tensor_is_named(family, stray, fixture_dirs, tmp_path):
     src = config_variant(fixture_dirs[family] / "hf", tmp_path / "ckpt", extra={stray: np.zeros((4, 4), np.float32)})
-    out = tmp_path / "m.gguf"
-    assert_one_line_error(run_cli("convert", src, "-o", out), stray)
-    assert not out.exists() and not list(tmp_path.glob(".m.gguf*"))
+    assert_refused(src, tmp_path, stray)
 
 
 @pytest.mark.parametrize("family,change,needle", [
@@ -141,10 +137,7 @@ def test_unmappable_tensor_is_named(family, stray, fixture_dirs, tmp_path):
     ("gemma4uv", {"output_proj_dims": 48}, "output_proj_dims 48"),
 ])
 def test_inexpressible_config_is_refused(family, change, needle, fixture_dirs, tmp_path):
-    src = config_variant(fixture_dirs[family] / "hf", tmp_path / "ckpt", vision=change)
-    out = tmp_path / "m.gguf"
-    assert_one_line_error(run_cli("convert", src, "-o", out), needle)
-    assert not out.exists()
+    assert_refused(config_variant(fixture_dirs[family] / "hf", tmp_path / "ckpt", vision=change), tmp_path, needle)
 
 
 @pytest.mark.parametrize("family", ["gemma4v", "gemma4uv"])
@@ -165,13 +158,8 @@ def test_check_and_audit(family, fixture_dirs, converted):
 
 def test_convert_and_verify_cli(fixture_dirs, tmp_path):
     folder = fixture_dirs["gemma4v"]
-    out = tmp_path / "mmproj.gguf"
-    res = run_cli("convert", folder / "hf-base", "-o", out, "--outtype", "q8_0", "--json")
-    assert res.code == 0, res.stderr
-    assert json.loads(res.stdout)["projector_type"] == "gemma4v"
-    res = run_cli("verify", folder / "hf-base", out, "--text", folder / "vocab.gguf", "--json")
-    data = json.loads(res.stdout)
-    assert res.code == 0 and data["passed"] and data["image_size"] == [64, 72], res.stdout
+    cli_convert_and_verify(folder / "hf-base", tmp_path, "q8_0", text=folder / "vocab.gguf", projector="gemma4v",
+                           image_size=(64, 72))
 
 
 def test_graft_onto_a_gemma4_vocab(fixture_dirs, tmp_path):

@@ -17,8 +17,8 @@ import gguf
 import numpy as np
 import pytest
 
-from conftest import (BARS, assert_fidelity, assert_one_line_error, assert_same_tensors, config_variant,
-                      families_fixtures, gguf_tensors, run_cli)
+from conftest import (BARS, assert_audit_finds, assert_fidelity, assert_refused, assert_same_tensors, cli_check,
+                      cli_convert_and_verify, config_variant, families_fixtures, gguf_tensors)
 from fixtures import glm4v
 from ggraft.gguf_io import gguf_file
 from ggraft.hf.checkpoint import Checkpoint
@@ -109,37 +109,26 @@ def test_tensors_and_keys(converted):
     ("glmocr", {"hidden_act": "relu"}, "'relu'"),
 ])
 def test_inexpressible_config_is_refused(family, changes, needle, fixture_dirs, tmp_path):
-    src = config_variant(fixture_dirs[family] / "hf", tmp_path / "ckpt", vision=changes)
-    res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
-    assert_one_line_error(res, needle)
-    assert not (tmp_path / "m.gguf").exists()
+    assert_refused(config_variant(fixture_dirs[family] / "hf", tmp_path / "ckpt", vision=changes), tmp_path, needle)
 
 
 def test_unmappable_tensor_is_named(fixture_dirs, tmp_path):
     name = "model.visual.blocks.0.attn.rel_pos.weight"
     src = config_variant(fixture_dirs["glmocr"] / "hf", tmp_path / "ckpt", extra={name: np.zeros((4, 4), np.float32)})
-    res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
-    assert_one_line_error(res, name)
-    assert not (tmp_path / "m.gguf").exists()
+    assert_refused(src, tmp_path, name)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_check_and_audit_of_the_fixture_pair(family, fixture_dirs, converted):
-    res = run_cli("check", fixture_dirs[family] / "text.gguf", converted(family, "hf", "f16"), "--json")
-    data = json.loads(res.stdout)
-    assert res.code == 0 and data["ok"], res.stdout
-    found = {f["code"]: f for f in data["findings"]}
+    _, found = cli_check(fixture_dirs[family] / "text.gguf", converted(family, "hf", "f16"),
+                         {"glm4v": 48, "glmocr": 32}[family])
     boundary = found["boundary-tokens"]["message"]
     assert "<|begin_of_image|>" in boundary and "<|end_of_image|>" in boundary
     assert found["width"]["severity"] == "info" and found["chat-template"]["severity"] == "info"
-    assert data["mmproj"]["projection_width"] == data["text"]["embedding_length"] == {"glm4v": 48, "glmocr": 32}[family]
     assert found.get("text-architecture", {"severity": "info"})["severity"] == "info"
-    audit = json.loads(run_cli("audit", fixture_dirs[family] / "text.gguf", "--json").stdout)
-    glm = next(f for f in audit["families"] if f["family"] == "GLM-4V")
-    assert glm["found"] == glm["expected"] == 6
-    donors = audit["donors"]["GLM-4V"]
-    assert any(d.startswith("GLM-4V (") and "Glm46VForConditionalGeneration" in d for d in donors)
-    assert any(d.startswith("GLM-OCR (GlmOcrForConditionalGeneration") for d in donors)
+    audit = assert_audit_finds(fixture_dirs[family], "GLM-4V", 6, "GLM-OCR (GlmOcrForConditionalGeneration",
+                               sources=("text.gguf",))
+    assert any(d.startswith("GLM-4V (") and "Glm46VForConditionalGeneration" in d for d in audit["donors"]["GLM-4V"])
 
 
 def test_glm4_text_without_rope_sections_is_flagged(fixture_dirs, converted, tmp_path):
@@ -165,10 +154,5 @@ def test_glm4_text_without_rope_sections_is_flagged(fixture_dirs, converted, tmp
 
 def test_convert_and_verify_cli(fixture_dirs, tmp_path):
     folder = fixture_dirs["glm4v"]
-    out = tmp_path / "mmproj.gguf"
-    res = run_cli("convert", folder / "hf-hub", "-o", out, "--outtype", "bf16", "--json")
-    assert res.code == 0, res.stderr
-    assert json.loads(res.stdout)["projector_type"] == "glm4v"
-    res = run_cli("verify", folder / "hf-hub", out, "--text", folder / "text.gguf", "--json")
-    data = json.loads(res.stdout)
-    assert res.code == 0 and data["passed"] and data["image_size"] == [80, 60], res.stdout  # 4x3 tokens, resampled
+    cli_convert_and_verify(folder / "hf-hub", tmp_path, "bf16", text=folder / "text.gguf", projector="glm4v",
+                           image_size=(80, 60))  # 4x3 tokens, resampled

@@ -11,14 +11,12 @@ another limit fails.
 """
 from __future__ import annotations
 
-import json
-
 import gguf
 import numpy as np
 import pytest
 
-from conftest import (BARS, assert_fidelity, assert_one_line_error, assert_same_tensors, config_variant,
-                      family_fixtures, gguf_tensors, run_cli)
+from conftest import (BARS, assert_audit_finds, assert_fidelity, assert_refused, assert_same_tensors, cli_check,
+                      cli_convert_and_verify, config_variant, family_fixtures, gguf_tensors)
 from fixtures import glm5v
 from ggraft.gguf_io import gguf_file
 from ggraft.hf.checkpoint import Checkpoint
@@ -145,32 +143,18 @@ def test_transformers_defaults_are_written(folder, tmp_path):
     (None, {"min_image_tokens": 40}, "min_image_tokens 40 is over max_image_tokens 30"),
 ])
 def test_inexpressible_config_is_refused(vision, preprocessor, needle, folder, tmp_path):
-    src = config_variant(folder / "hf", tmp_path / "ckpt", vision, preprocessor)
-    res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
-    assert_one_line_error(res, needle)
-    assert not (tmp_path / "m.gguf").exists()
+    assert_refused(config_variant(folder / "hf", tmp_path / "ckpt", vision, preprocessor), tmp_path, needle)
 
 
 def test_check_and_audit_of_the_fixture_pair(folder, converted):
-    res = run_cli("check", folder / "text.gguf", converted("hf", "f16"), "--json")
-    data = json.loads(res.stdout)
-    assert res.code == 0 and data["ok"], res.stdout
-    found = {f["code"]: f for f in data["findings"]}
+    _, found = cli_check(folder / "text.gguf", converted("hf", "f16"), 48)
     assert "<|begin_of_image|>" in found["boundary-tokens"]["message"]
     assert "<|end_of_image|>" in found["boundary-tokens"]["message"]
     assert found["width"]["severity"] == "info" and found["chat-template"]["severity"] == "info"
-    assert data["mmproj"]["projection_width"] == data["text"]["embedding_length"] == 48
-    audit = json.loads(run_cli("audit", folder / "text.gguf", "--json").stdout)
-    glm = next(f for f in audit["families"] if f["family"] == "GLM-4V")  # GLM-5 Next keeps GLM-V's tokens
-    assert glm["found"] == glm["expected"] == 6
-    assert any(d.startswith("GLM-5 Next (Glm5NextForConditionalGeneration") for d in audit["donors"]["GLM-4V"])
+    # GLM-5 Next keeps GLM-V's tokens
+    assert_audit_finds(folder, "GLM-4V", 6, "GLM-5 Next (Glm5NextForConditionalGeneration", sources=("text.gguf",))
 
 
 def test_convert_and_verify_cli(folder, tmp_path):
-    out = tmp_path / "mmproj.gguf"
-    res = run_cli("convert", folder / "hf-bare", "-o", out, "--outtype", "bf16", "--json")
-    assert res.code == 0, res.stderr
-    assert json.loads(res.stdout)["projector_type"] == "glm5v"
-    res = run_cli("verify", folder / "hf-bare", out, "--text", folder / "text.gguf", "--image-size", "36x90", "--json")
-    data = json.loads(res.stdout)
-    assert res.code == 0 and data["passed"] and data["result"]["tokens"] == 10, res.stdout
+    cli_convert_and_verify(folder / "hf-bare", tmp_path, "bf16", text=folder / "text.gguf",
+                           verify_args=("--image-size", "36x90"), projector="glm5v", tokens=10)

@@ -13,15 +13,12 @@ Until the core has them, the tests that would hand llama.cpp such a file xfail, 
 """
 from __future__ import annotations
 
-import json
-import shutil
-
 import gguf
 import numpy as np
 import pytest
 
-from conftest import (BARS, assert_fidelity, assert_one_line_error, assert_same_tensors, family_fixtures,
-                      gguf_tensors, run_cli)
+from conftest import (BARS, assert_audit_finds, assert_fidelity, assert_refused, assert_same_tensors,
+                      cli_convert_and_verify, config_variant, family_fixtures, gguf_tensors, pair_codes)
 from fixtures import granite4_vision
 from ggraft.gguf_io import gguf_file
 from ggraft.hf.checkpoint import Checkpoint
@@ -131,37 +128,18 @@ def test_layouts_write_identical_files(converted):
     assert_same_tensors(converted("hf", "f32"), converted("hf-hub", "f32"), ordered=True)
 
 
-def _variant(src, dst, **changes):
-    """A copy of checkpoint ``src`` with config.json entries changed, a dotted key naming a nested one
-    (``qformer_config.num_hidden_layers``), which config_variant cannot."""
-    shutil.copytree(src, dst)
-    cfg = json.loads((dst / "config.json").read_text())
-    for key, value in changes.items():
-        section, _, key = key.rpartition(".")
-        (cfg[section] if section else cfg)[key] = value
-    (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
-
-
 @pytest.mark.parametrize("changes,needle", [
     ({"downsample_rate": "3/4"}, "downsample_rate '3/4'"),
     ({"deepstack_layer_map": [[-1, 1], [1, 2]]}, "target LLM layers [1, 1, 2, 3]"),
     ({"qformer_config.num_hidden_layers": 2}, "a Q-Former of 2 layers"),
 ])
 def test_inexpressible_config_is_refused(changes, needle, folder, tmp_path):
-    src = _variant(folder / "hf", tmp_path / "ckpt", **changes)
-    res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
-    assert_one_line_error(res, needle)
-    assert not (tmp_path / "m.gguf").exists()
+    assert_refused(config_variant(folder / "hf", tmp_path / "ckpt", **changes), tmp_path, needle)
 
 
 def test_check_finds_the_newline_boundary(folder, converted):
-    from ggraft.pair.check import check_pair
-
     path = converted("hf", "f16")
-    report = check_pair(folder / "text.gguf", path)
-    assert report.ok, report.findings
-    codes = {f.code: f for f in report.findings}
+    codes = pair_codes(folder / "text.gguf", path)
     assert "'\\n'" in codes["boundary-tokens"].message and codes["boundary-tokens"].severity == "info"
     assert codes["width"].severity == "info" and "runtime-defect" not in codes
     needs_core(folder, path)
@@ -169,19 +147,9 @@ def test_check_finds_the_newline_boundary(folder, converted):
 
 
 def test_audit_finds_the_image_token(folder):
-    for source in (folder / "text.gguf", folder / "hf"):
-        data = json.loads(run_cli("audit", source, "--json").stdout)
-        family = next(f for f in data["families"] if f["family"] == "LLaVA")
-        assert family["found"] == family["expected"] == 1
-        assert any("Granite4VisionForConditionalGeneration" in d for d in data["donors"]["LLaVA"])
+    assert_audit_finds(folder, "LLaVA", 1, "Granite4VisionForConditionalGeneration")
 
 
 def test_convert_and_verify_cli(folder, tmp_path):
-    out = tmp_path / "mmproj.gguf"
-    res = run_cli("convert", folder / "hf-hub", "-o", out, "--outtype", "bf16", "--json")
-    assert res.code == 0, res.stderr
-    needs_core(folder, out)
-    res = run_cli("verify", folder / "hf-hub", out, "--text", folder / "text.gguf", "--json")
-    data = json.loads(res.stdout)
-    assert res.code == 0 and data["passed"] and data["projector_type"] == "granite4_vision", data
-    assert data["result"]["tokens"] == TOKENS and data["result"]["min_cosine"] >= BARS["bf16"]
+    cli_convert_and_verify(folder / "hf-hub", tmp_path, "bf16", text=folder / "text.gguf", projector="granite4_vision",
+                           tokens=TOKENS, before_verify=lambda out: needs_core(folder, out))

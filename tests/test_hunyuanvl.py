@@ -18,14 +18,13 @@ does what verify does with the text model loaded whole; once it does, ``verify``
 """
 from __future__ import annotations
 
-import json
-
 import gguf
 import numpy as np
 import pytest
 
-from conftest import (BARS, ROOT, assert_fidelity, assert_one_line_error, assert_same_tensors, config_variant,
-                      family_fixtures, gguf_tensors, run_cli)
+from conftest import (BARS, ROOT, assert_audit_finds, assert_cli_verified, assert_fidelity, assert_refused,
+                      assert_same_tensors, cli_check, cli_convert, config_variant, family_fixtures, gguf_tensors,
+                      run_cli)
 from fixtures import hunyuanvl
 from ggraft.gguf_io import gguf_file, output_types
 from ggraft.hf.checkpoint import Checkpoint
@@ -155,25 +154,17 @@ def test_layouts_write_identical_files(converted):
     ({"interpolate_mode": "bicubic"}, "'bicubic'"),
 ])
 def test_inexpressible_config_is_refused(changes, needle, folder, tmp_path):
-    src = config_variant(folder / "hf", tmp_path / "ckpt", vision=changes)
-    res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
-    assert_one_line_error(res, needle)
-    assert not (tmp_path / "m.gguf").exists()
+    assert_refused(config_variant(folder / "hf", tmp_path / "ckpt", vision=changes), tmp_path, needle)
 
 
 def test_unmappable_tensor_is_named(folder, tmp_path):
     name = "vit.layers.0.self_attn.rel_pos.weight"
-    src = config_variant(folder / "hf", tmp_path / "ckpt", extra={name: np.zeros((4, 4), np.float32)})
-    res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
-    assert_one_line_error(res, name)
-    assert not (tmp_path / "m.gguf").exists()
+    assert_refused(config_variant(folder / "hf", tmp_path / "ckpt", extra={name: np.zeros((4, 4), np.float32)}),
+                   tmp_path, name)
 
 
 def test_check_finds_boundary_tokens_and_warns_of_the_defect(folder, converted):
-    res = run_cli("check", folder / "text.gguf", converted("hf", "f16"), "--json")
-    data = json.loads(res.stdout)
-    assert res.code == 0 and data["ok"], res.stdout
-    found = {f["code"]: f for f in data["findings"]}
+    data, found = cli_check(folder / "text.gguf", converted("hf", "f16"))
     boundary = found["boundary-tokens"]["message"]
     assert "<｜hy_place▁holder▁no▁100｜>" in boundary and "<｜hy_place▁holder▁no▁101｜>" in boundary
     assert found["width"]["severity"] == "info" and data["mmproj"]["projection_width"] == 96
@@ -181,25 +172,16 @@ def test_check_finds_boundary_tokens_and_warns_of_the_defect(folder, converted):
 
 
 def test_audit_finds_the_family_tokens(folder):
-    for source in (folder / "text.gguf", folder / "hf"):
-        data = json.loads(run_cli("audit", source, "--json").stdout)
-        family = next(f for f in data["families"] if f["family"] == "HunyuanVL")
-        assert family["found"] == family["expected"] == 4, source
-        assert any(d.startswith(FAMILY + " (") for d in data["donors"]["HunyuanVL"]), data["donors"]
+    assert_audit_finds(folder, "HunyuanVL", 4, FAMILY + " (")
 
 
 def test_convert_and_verify_cli(folder, tmp_path):
-    out = tmp_path / "mmproj.gguf"
-    res = run_cli("convert", folder / "hf-hub", "-o", out, "--outtype", "bf16", "--json")
-    assert res.code == 0, res.stderr
-    assert json.loads(res.stdout)["projector_type"] == "hunyuanvl"
+    out = cli_convert(folder / "hf-hub", tmp_path / "mmproj.gguf", "bf16", "hunyuanvl")
     res = run_cli("verify", folder / "hf-hub", out, "--text", folder / "text.gguf", "--json")
     if not VERIFY_LOADS_HPARAMS:  # the vocabulary-only text load: mtmd's count check aborts the process
         assert res.code < 0 and "GGML_ASSERT(n_tokens == (size_t)image_tokens->n_tokens())" in res.stderr, res
         pytest.xfail("ggraft verify loads the text model vocabulary-only (tools/tasks/hunyuanvl.shared.md)")
-    data = json.loads(res.stdout)
-    assert res.code == (0 if data["passed"] else 1) and data["image_size"] == [84, 112]
-    assert data["passed"] or (DEFECT in data["runtime_note"] and data["runtime_result"]["min_cosine"] >= BARS["bf16"])
+    assert_cli_verified(res, "bf16", defect=DEFECT, image_size=(84, 112))
 
 
 def test_run_cli(folder, converted):

@@ -13,8 +13,8 @@ import gguf
 import numpy as np
 import pytest
 
-from conftest import (BARS, assert_fidelity, assert_one_line_error, assert_same_tensors, config_variant,
-                      family_fixtures, gguf_tensors, run_cli)
+from conftest import (BARS, assert_fidelity, assert_refused, assert_same_tensors, config_variant, family_fixtures,
+                      gguf_tensors)
 from fixtures import internvl
 from ggraft.converters.internvl import POSITIONS, InternVL
 from ggraft.gguf_io import gguf_file
@@ -97,18 +97,6 @@ def test_runtime_puts_cls_last(folder, tmp_path):
     assert compare(rows, as_run).min_cosine > 0.9999
 
 
-def variant(src, dst, config=None, vision=None, tensors=None):
-    """config_variant, with ``tensors`` added to model.safetensors itself (not saved beside it: transformers
-    loads that file only)."""
-    from safetensors.numpy import load_file, save_file
-
-    config_variant(src, dst, vision=vision, **(config or {}))
-    if tensors:
-        weights = dst / "model.safetensors"
-        save_file({**load_file(weights), **tensors}, weights, metadata={"format": "pt"})
-    return dst
-
-
 @pytest.mark.parametrize("feature_layer,blocks,post_norm", [(-1, 3, True), (-2, 2, False)])
 def test_feature_layer_and_final_norm(feature_layer, blocks, post_norm, folder, tmp_path):
     """A tower with a final norm (``use_mean_pooling: false``) and features from an earlier block:
@@ -116,8 +104,9 @@ def test_feature_layer_and_final_norm(feature_layer, blocks, post_norm, folder, 
     rng = np.random.default_rng(0)
     norm = {"vision_tower.layernorm.weight": (1 + 0.3 * rng.standard_normal(64)).astype(np.float32),
             "vision_tower.layernorm.bias": (0.3 * rng.standard_normal(64)).astype(np.float32)}
-    src = variant(folder / "hf", tmp_path / "ckpt", {"vision_feature_layer": feature_layer},
-                  {"use_mean_pooling": False}, norm)
+    # the norm added to model.safetensors itself (not saved beside it: transformers loads that file only)
+    src = config_variant(folder / "hf", tmp_path / "ckpt", {"use_mean_pooling": False}, extra=norm,
+                         extra_file="model.safetensors", vision_feature_layer=feature_layer)
     out = mmproj.convert(converter_for(Checkpoint(src)), tmp_path / "m.gguf", "f32")
     t = gguf_tensors(out)
     assert ("v.post_ln.weight" in t) == post_norm and f"v.blk.{blocks - 1}.ln1.weight" in t
@@ -136,10 +125,7 @@ def test_feature_layer_and_final_norm(feature_layer, blocks, post_norm, folder, 
     ("hf", {}, {"image_size": [56, 49]}, "image_size"),
 ])
 def test_inexpressible_config_is_refused(layout, config, vision, needle, folder, tmp_path):
-    src = variant(folder / layout, tmp_path / "ckpt", config, vision)
-    out = tmp_path / "m.gguf"
-    assert_one_line_error(run_cli("convert", src, "-o", out), needle)
-    assert not out.exists()
+    assert_refused(config_variant(folder / layout, tmp_path / "ckpt", vision, **config), tmp_path, needle)
 
 
 def test_the_6b_tower_is_taken_with_rms_norm():
@@ -152,10 +138,9 @@ def test_the_6b_tower_is_taken_with_rms_norm():
                                           ("original", "mlp1.2.weight"),
                                           ("original", "vision_model.encoder.layers.0.mlp.fc3.weight")])
 def test_unmappable_tensor_is_named(layout, stray, folder, tmp_path):
-    src = variant(folder / layout, tmp_path / "ckpt", tensors={stray: np.zeros((4, 4), np.float32)})
-    out = tmp_path / "m.gguf"
-    assert_one_line_error(run_cli("convert", src, "-o", out), stray)
-    assert not out.exists() and not list(tmp_path.glob(".m.gguf*"))
+    src = config_variant(folder / layout, tmp_path / "ckpt", extra={stray: np.zeros((4, 4), np.float32)},
+                         extra_file="model.safetensors")
+    assert_refused(src, tmp_path, stray)
 
 
 def test_check_and_audit(folder, converted):

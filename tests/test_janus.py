@@ -8,15 +8,14 @@ none and the family's markers are found by ``audit``.
 """
 from __future__ import annotations
 
-import json
 import shutil
 
 import gguf
 import numpy as np
 import pytest
 
-from conftest import (BARS, assert_fidelity, assert_one_line_error, assert_same_tensors, config_variant,
-                      family_fixtures, gguf_tensors, run_cli)
+from conftest import (BARS, assert_audit_finds, assert_fidelity, assert_refused, assert_same_tensors,
+                      cli_convert_and_verify, config_variant, family_fixtures, gguf_tensors, pair_codes)
 from fixtures import janus
 from ggraft.gguf_io import gguf_file
 from ggraft.hf.checkpoint import Checkpoint
@@ -97,44 +96,29 @@ def test_layouts_write_identical_files(layout, converted):
     ({"image_size": 60}, "image_size 60 is not a multiple of patch_size 7"),
 ])
 def test_inexpressible_config_is_refused(changes, needle, folder, tmp_path):
-    src = config_variant(folder / "hf", tmp_path / "ckpt", vision=changes)
-    res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
-    assert_one_line_error(res, needle)
-    assert not (tmp_path / "m.gguf").exists()
+    assert_refused(config_variant(folder / "hf", tmp_path / "ckpt", vision=changes), tmp_path, needle)
 
 
 def test_unmappable_tensor_is_named(folder, tmp_path):
     extra = {"model.aligner.hidden_layers.1.weight": np.zeros((96, 96), np.float32)}  # a third layer
-    src = config_variant(folder / "hf", tmp_path / "ckpt", extra=extra)
-    res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
-    assert_one_line_error(res, "model.aligner.hidden_layers.1.weight")
-    assert not (tmp_path / "m.gguf").exists()
+    assert_refused(config_variant(folder / "hf", tmp_path / "ckpt", extra=extra), tmp_path,
+                   "model.aligner.hidden_layers.1.weight")
 
 
-def test_check_passes_and_finds_no_boundary_tokens(folder, converted):
-    from ggraft.pair.check import check_pair
-
-    report = check_pair(folder / "text.gguf", converted("hf", "f16"))
-    assert report.ok, report.findings
-    codes = {f.code: f for f in report.findings}
+def test_check_passes_finds_no_boundary_tokens_and_warns_of_the_missing_markers(folder, converted):
+    codes = pair_codes(folder / "text.gguf", converted("hf", "f16"))
     assert "inserts no boundary tokens" in codes["boundary-tokens"].message  # mtmd.cpp: none for janus_pro
     assert codes["width"].severity == "info" and "96" in codes["width"].message
     assert codes["chat-template"].severity == "info"
-    assert not [f for f in report.findings if f.code in ("llama-cpp-requirement", "runtime-defect")]
+    assert "llama-cpp-requirement" not in codes
+    defect = codes["runtime-defect"]  # the prompt departs (no <begin_of_image>), not the embeddings
+    assert defect.severity == "warning" and "mtmd.cpp:639" in defect.message and "<begin_of_image>" in defect.message
+    assert "prompt" in defect.hint and "embeddings" not in defect.hint
 
 
 def test_audit_finds_janus_tokens(folder):
-    for source in (folder / "text.gguf", folder / "hf"):
-        data = json.loads(run_cli("audit", source, "--json").stdout)
-        family = next(f for f in data["families"] if f["family"] == "Janus-Pro")
-        assert family["found"] == family["expected"] == 3
-        assert any("JanusForConditionalGeneration" in d for d in data["donors"]["Janus-Pro"])
+    assert_audit_finds(folder, "Janus-Pro", 3, "JanusForConditionalGeneration")
 
 
 def test_convert_and_verify_cli(folder, tmp_path):
-    out = tmp_path / "mmproj.gguf"
-    res = run_cli("convert", folder / "hf-hub", "-o", out, "--outtype", "bf16", "--json")
-    assert res.code == 0, res.stderr
-    res = run_cli("verify", folder / "hf-hub", out, "--text", folder / "text.gguf", "--json")
-    data = json.loads(res.stdout)
-    assert res.code == 0 and data["passed"] and data["projector_type"] == "janus_pro", (res.stderr, data)
+    cli_convert_and_verify(folder / "hf-hub", tmp_path, "bf16", text=folder / "text.gguf", projector="janus_pro")

@@ -7,14 +7,12 @@ is no tiling for this family).
 """
 from __future__ import annotations
 
-import json
-
 import gguf
 import numpy as np
 import pytest
 
-from conftest import (BARS, assert_fidelity, assert_one_line_error, assert_same_tensors, config_variant,
-                      family_fixtures, gguf_tensors, run_cli)
+from conftest import (BARS, assert_audit_finds, assert_fidelity, assert_refused, assert_same_tensors,
+                      cli_convert_and_verify, config_variant, family_fixtures, gguf_tensors, pair_codes, run_cli)
 from fixtures import kimik25
 from ggraft.gguf_io import gguf_file
 from ggraft.hf.checkpoint import Checkpoint
@@ -78,10 +76,7 @@ def test_layouts_write_identical_files(layout, converted):
     ({"merge_kernel_size": [2, 3]}, "merge_kernel_size [2, 3]"),
 ])
 def test_inexpressible_config_is_refused(changes, needle, folder, tmp_path):
-    src = config_variant(folder / "hf", tmp_path / "ckpt", vision=changes)
-    res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
-    assert_one_line_error(res, needle)
-    assert not (tmp_path / "m.gguf").exists()
+    assert_refused(config_variant(folder / "hf", tmp_path / "ckpt", vision=changes), tmp_path, needle)
 
 
 def test_hub_spelling_converts_alike(folder, converted, tmp_path):
@@ -95,11 +90,7 @@ def test_hub_spelling_converts_alike(folder, converted, tmp_path):
 
 
 def test_check_finds_boundary_tokens(folder, converted):
-    from ggraft.pair.check import check_pair
-
-    report = check_pair(folder / "text.gguf", converted("hf", "f16"))
-    assert report.ok, report.findings
-    codes = {f.code: f for f in report.findings}
+    codes = pair_codes(folder / "text.gguf", converted("hf", "f16"))
     assert "llama-cpp-requirement" not in codes, codes["llama-cpp-requirement"].message
     msg = codes["boundary-tokens"].message
     assert "<|media_begin|>" in msg and "<|media_end|>" in msg
@@ -108,19 +99,8 @@ def test_check_finds_boundary_tokens(folder, converted):
 
 
 def test_audit_finds_kimi_tokens(folder):
-    for source in (folder / "text.gguf", folder / "hf"):
-        data = json.loads(run_cli("audit", source, "--json").stdout)
-        family = next(f for f in data["families"] if f["family"] == "Kimi-VL")
-        assert family["found"] == family["expected"] == 4
-        assert any(d.startswith("Kimi-K2.5 (") for d in data["donors"]["Kimi-VL"]), data["donors"]
+    assert_audit_finds(folder, "Kimi-VL", 4, "Kimi-K2.5 (")
 
 
 def test_convert_and_verify_cli(folder, tmp_path):
-    out = tmp_path / "mmproj.gguf"
-    res = run_cli("convert", folder / "hf-hub", "-o", out, "--outtype", "bf16", "--json")
-    assert res.code == 0, res.stderr
-    assert json.loads(res.stdout)["projector_type"] == "kimik25"
-    res = run_cli("verify", folder / "hf-hub", out, "--text", folder / "text.gguf", "--json")
-    data = json.loads(res.stdout)
-    assert res.code == 0 and data["passed"] and data["projector_type"] == "kimik25", res.stderr
-    assert data["result"]["min_cosine"] >= BARS["bf16"]
+    cli_convert_and_verify(folder / "hf-hub", tmp_path, "bf16", text=folder / "text.gguf", projector="kimik25")

@@ -10,16 +10,14 @@ declared runtime defect.
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import gguf
 import numpy as np
 import pytest
 
-from conftest import (BARS, assert_fidelity, assert_one_line_error, assert_same_tensors, config_variant,
-                      family_fixtures, gguf_tensors, run_cli)
+from conftest import (BARS, assert_audit_finds, assert_fidelity, assert_refused, assert_same_tensors,
+                      cli_convert_and_verify, config_variant, family_fixtures, gguf_tensors, pair_codes)
 from fixtures import lightonocr
-from ggraft.errors import InputError
 from ggraft.gguf_io import gguf_file
 from ggraft.hf.checkpoint import Checkpoint, open_checkpoint
 from ggraft.jobs.verify import llama_embeddings, test_image as make_image, verify
@@ -139,18 +137,11 @@ def test_runtime_upscales_smaller_images(folder, converted):
     ({"hidden_act": "gelu_pytorch_tanh"}, "hidden_act 'gelu_pytorch_tanh'"),
 ])
 def test_inexpressible_config_is_refused(changes, needle, folder, tmp_path):
-    hf = config_variant(folder / "hf", tmp_path / "hf", vision=changes)
-    res = run_cli("convert", hf, "-o", tmp_path / "m.gguf")
-    assert_one_line_error(res, needle)
-    assert not (tmp_path / "m.gguf").exists()
+    assert_refused(config_variant(folder / "hf", tmp_path / "hf", vision=changes), tmp_path, needle)
 
 
 def test_check_finds_boundary_tokens_and_warns_of_the_defect(folder, converted):
-    from ggraft.pair.check import check_pair
-
-    report = check_pair(folder / "text.gguf", converted("hf", "f16"))
-    assert report.ok, report.findings
-    codes = {f.code: f for f in report.findings}
+    codes = pair_codes(folder / "text.gguf", converted("hf", "f16"))
     assert "llama-cpp-requirement" not in codes, codes["llama-cpp-requirement"].message
     assert "'<|im_start|>'" in codes["boundary-tokens"].message and "'<|im_end|>'" in codes["boundary-tokens"].message
     assert codes["width"].severity == "info" and codes["chat-template"].severity == "info"
@@ -160,19 +151,8 @@ def test_check_finds_boundary_tokens_and_warns_of_the_defect(folder, converted):
 
 def test_audit_finds_qwen_tokens(folder):
     """LightOnOCR's tokenizer is Qwen's: audit names the Qwen-VL convention, and LightOnOCR as a donor."""
-    for source in (folder / "text.gguf", folder / "hf"):
-        data = json.loads(run_cli("audit", source, "--json").stdout)
-        family = next(f for f in data["families"] if f["family"] == "Qwen-VL")
-        assert family["found"] == family["expected"] == 5
-        assert any(d.startswith("LightOnOCR (") for d in data["donors"]["Qwen-VL"]), data["donors"]
+    assert_audit_finds(folder, "Qwen-VL", 5, "LightOnOCR (")
 
 
 def test_convert_and_verify_cli(folder, tmp_path):
-    out = tmp_path / "mmproj.gguf"
-    res = run_cli("convert", folder / "hf-hub", "-o", out, "--outtype", "bf16", "--json")
-    assert res.code == 0, res.stderr
-    assert json.loads(res.stdout)["projector_type"] == "lightonocr"
-    res = run_cli("verify", folder / "hf-hub", out, "--text", folder / "text.gguf", "--json")
-    data = json.loads(res.stdout)
-    assert res.code == 0 and data["passed"] and data["projector_type"] == "lightonocr", res.stderr
-    assert data["result"]["min_cosine"] >= BARS["bf16"]
+    cli_convert_and_verify(folder / "hf-hub", tmp_path, "bf16", text=folder / "text.gguf", projector="lightonocr")

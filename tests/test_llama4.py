@@ -10,14 +10,12 @@ gguf-py's table alone (``post_attention_layernorm`` -> ``attn_post_norm``), is s
 """
 from __future__ import annotations
 
-import json
-
 import gguf
 import numpy as np
 import pytest
 
-from conftest import (BARS, assert_fidelity, assert_one_line_error, assert_same_tensors, config_variant,
-                      family_fixtures, gguf_tensors, run_cli)
+from conftest import (BARS, assert_audit_finds, assert_fidelity, assert_refused, assert_same_tensors,
+                      cli_convert_and_verify, config_variant, family_fixtures, gguf_tensors, pair_codes)
 from fixtures import llama4
 from ggraft.gguf_io import gguf_file
 from ggraft.hf.checkpoint import Checkpoint
@@ -99,44 +97,26 @@ def test_table_named_ffn_norm_breaks_even_the_runtime_order(folder, tmp_path):
     ({"pixel_shuffle_ratio": 0.25, "image_size": 48}, "6x6 patch grid"),
 ])
 def test_inexpressible_config_is_refused(changes, needle, folder, tmp_path):
-    src = config_variant(folder / "hf", tmp_path / "ckpt", vision=changes)
-    res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
-    assert_one_line_error(res, needle)
-    assert not (tmp_path / "m.gguf").exists()
+    assert_refused(config_variant(folder / "hf", tmp_path / "ckpt", vision=changes), tmp_path, needle)
 
 
 def test_unmappable_tensor_is_named(folder, tmp_path):
     extra = {"multi_modal_projector.linear_1.bias": np.zeros(80, np.float32)}  # transformers' has none
-    src = config_variant(folder / "hf", tmp_path / "ckpt", extra=extra)
-    res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
-    assert_one_line_error(res, "multi_modal_projector.linear_1.bias")
-    assert not (tmp_path / "m.gguf").exists()
+    assert_refused(config_variant(folder / "hf", tmp_path / "ckpt", extra=extra), tmp_path,
+                   "multi_modal_projector.linear_1.bias")
 
 
 def test_check_finds_boundary_tokens_and_warns_of_the_defect(folder, converted):
-    from ggraft.pair.check import check_pair
-
-    report = check_pair(folder / "text.gguf", converted("hf", "f16"))
-    assert report.ok, report.findings
-    codes = {f.code: f for f in report.findings}
+    codes = pair_codes(folder / "text.gguf", converted("hf", "f16"))
     assert "<|image_start|>" in codes["boundary-tokens"].message and "<|image_end|>" in codes["boundary-tokens"].message
     assert codes["width"].severity == "info"
     assert codes["runtime-defect"].severity == "warning" and DEFECT in codes["runtime-defect"].message
 
 
 def test_audit_finds_llama4_tokens(folder):
-    for source in (folder / "text.gguf", folder / "hf"):
-        data = json.loads(run_cli("audit", source, "--json").stdout)
-        family = next(f for f in data["families"] if f["family"] == "Llama 4")
-        assert family["found"] == family["expected"] == 6
-        assert any("Llama4ForConditionalGeneration" in d for d in data["donors"]["Llama 4"])
+    assert_audit_finds(folder, "Llama 4", 6, "Llama4ForConditionalGeneration")
 
 
 def test_convert_and_verify_cli(folder, tmp_path):
-    out = tmp_path / "mmproj.gguf"
-    res = run_cli("convert", folder / "hf-hub", "-o", out, "--outtype", "bf16", "--json")
-    assert res.code == 0, res.stderr
-    res = run_cli("verify", folder / "hf-hub", out, "--text", folder / "text.gguf", "--json")
-    data = json.loads(res.stdout)
-    assert res.code == (0 if data["passed"] else 1) and data["projector_type"] == "llama4"
-    assert data["passed"] or (DEFECT in data["runtime_note"] and data["runtime_result"]["min_cosine"] >= BARS["bf16"])
+    cli_convert_and_verify(folder / "hf-hub", tmp_path, "bf16", text=folder / "text.gguf", projector="llama4",
+                           defect=DEFECT)

@@ -12,23 +12,20 @@ is the named anyres defect.
 """
 from __future__ import annotations
 
-import ctypes
-import json
 import re
 
 import gguf
 import numpy as np
 import pytest
 
-from conftest import (BARS, assert_fidelity, assert_one_line_error, assert_same_tensors, config_variant,
-                      families_fixtures, gguf_tensors, run_cli)
+from conftest import (BARS, assert_audit_finds, assert_fidelity, assert_refused, assert_same_tensors,
+                      cli_convert_and_verify, config_variant, families_fixtures, gguf_tensors, llama_chunks)
 from fixtures import llava_next
 from ggraft.gguf_io import gguf_file
 from ggraft.hf.checkpoint import Checkpoint
 from ggraft.jobs import verify as V
 from ggraft.mmproj import writer as mmproj
 from ggraft.mmproj.converter import converter_for
-from ggraft.pair import engine
 
 Q = gguf.GGMLQuantizationType
 FAMILIES = ("next", "onevision")
@@ -96,30 +93,6 @@ def test_layouts_write_identical_files(family, layout, converted):
     assert_same_tensors(converted(family, "hf", "f32"), converted(family, layout, "f32"))
 
 
-def encode_all(path, img: np.ndarray, n_embd: int) -> list[np.ndarray]:
-    """Every image chunk llama.cpp makes of ``img``, encoded, in the order mtmd feeds them to the model."""
-    out = []
-    with engine.VisionEncoder(path, n_threads=2) as enc:
-        m = enc._mtmd
-        buf = (ctypes.c_uint8 * img.size).from_buffer_copy(np.ascontiguousarray(img).tobytes())
-        bitmap, chunks = m.mtmd_bitmap_init(img.shape[1], img.shape[0], buf), m.mtmd_input_chunks_init()
-        try:
-            part = m.mtmd_input_part(text=None, bitmap=bitmap)
-            assert m.mtmd_tokenize_from_parts(enc.ctx, chunks, (ctypes.POINTER(m.mtmd_input_part) * 1)(
-                ctypes.pointer(part)), 1, False) == 0
-            for i in range(m.mtmd_input_chunks_size(chunks)):
-                chunk = m.mtmd_input_chunks_get(chunks, i)
-                assert m.mtmd_input_chunk_get_type(chunk) == m.MTMD_INPUT_CHUNK_TYPE_IMAGE  # no text between
-                assert m.mtmd_encode_chunk(enc.ctx, chunk) == 0
-                n = m.mtmd_input_chunk_get_n_tokens(chunk)
-                out.append(np.ctypeslib.as_array(m.mtmd_get_output_embd(enc.ctx), shape=(n * n_embd,))
-                           .reshape(n, n_embd).copy())
-        finally:
-            m.mtmd_input_chunks_free(chunks)
-            m.mtmd_bitmap_free(bitmap)
-    return out
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_anyres_image(family, fixture_dirs, converted):
     import torch
@@ -128,7 +101,9 @@ def test_anyres_image(family, fixture_dirs, converted):
     conv = converter_for(Checkpoint(fixture_dirs[family] / "hf"))
     p, (h, w) = conv.params(), WIDE[family]
     img, s, n = V.test_image(h, w), p.image_size, BASE_TOKENS[family]
-    rows = encode_all(converted(family, "hf", "f32"), img, p.projection_dim)
+    chunks = llama_chunks(converted(family, "hf", "f32"), None, img, p.projection_dim, n_threads=2)
+    assert all(kind == "image" for kind, _ in chunks)  # no text between
+    rows = [c for _, c in chunks]
     # the pinpoint transformers picks (a 1x2 grid; a file with height and width swapped gives 1x3),
     # each tile encoded as an image of its own, then the overview: no newline rows anywhere
     assert [len(r) for r in rows] == [n, n, n]
@@ -175,9 +150,7 @@ def test_inexpressible_config_is_refused(family, changes, needle, fixture_dirs, 
 
 def test_refusal_is_one_line_and_exit_2(fixture_dirs, tmp_path):
     src = config_variant(fixture_dirs["next"] / "hf", tmp_path / "ckpt", image_grid_pinpoints=[[42, 84], [60, 42]])
-    res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
-    assert_one_line_error(res, "LlavaNextForConditionalGeneration", "[60, 42] is not a multiple")
-    assert not (tmp_path / "m.gguf").exists()
+    assert_refused(src, tmp_path, "LlavaNextForConditionalGeneration", "[60, 42] is not a multiple")
 
 
 def test_projector_without_biases_gets_zero_biases(fixture_dirs, tmp_path):
@@ -211,22 +184,11 @@ def test_check_names_no_boundary_tokens_and_warns_of_the_defects(family, fixture
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_audit_finds_llava_tokens(family, fixture_dirs):
-    from ggraft.jobs.audit import audit
-
     arch = {"next": "LlavaNextForConditionalGeneration", "onevision": "LlavaOnevisionForConditionalGeneration"}
-    for source in (fixture_dirs[family] / "text.gguf", fixture_dirs[family] / "hf"):
-        data = audit(source).to_dict()
-        found = next(f for f in data["families"] if f["family"] == "LLaVA")
-        assert found["found"] == found["expected"] == 1
-        assert any(arch[family] in d for d in data["donors"]["LLaVA"])
+    assert_audit_finds(fixture_dirs[family], "LLaVA", 1, arch[family], library=True)
 
 
 def test_convert_and_verify_cli(fixture_dirs, tmp_path):
-    folder, out = fixture_dirs["next"], tmp_path / "mmproj.gguf"
-    res = run_cli("convert", folder / "hf-modules", "-o", out, "--outtype", "bf16", "--json")
-    assert res.code == 0, res.stderr
-    res = run_cli("verify", folder / "hf-modules", out, "--text", folder / "text.gguf", "--json")
-    data = json.loads(res.stdout)
-    assert res.code == (0 if data["passed"] else 1) and data["projector_type"] == "mlp"
-    assert data["passed"] or (CLS_DEFECT in data["runtime_note"]
-                              and data["runtime_result"]["min_cosine"] >= BARS["bf16"])
+    folder = fixture_dirs["next"]
+    cli_convert_and_verify(folder / "hf-modules", tmp_path, "bf16", text=folder / "text.gguf", projector="mlp",
+                           defect=CLS_DEFECT)

@@ -14,8 +14,8 @@ import gguf
 import numpy as np
 import pytest
 
-from conftest import (BARS, ROOT, assert_fidelity, assert_one_line_error, assert_same_tensors, config_variant,
-                      family_fixtures, gguf_tensors, run_cli)
+from conftest import (BARS, ROOT, assert_fidelity, assert_refused, assert_same_tensors, cli_check,
+                      cli_convert_and_verify, config_variant, family_fixtures, gguf_tensors, run_cli)
 from fixtures import llava_siglip
 from ggraft.gguf_io import gguf_file
 from ggraft.jobs.verify import verify
@@ -67,17 +67,12 @@ def test_layouts_write_identical_files(layout, converted):
     ({"projector_hidden_act": "relu"}, "projector_hidden_act 'relu'"),
 ])
 def test_inexpressible_config_is_refused_in_one_line(changes, needle, folder, tmp_path):
-    src = config_variant(folder / "hf", tmp_path / "ckpt", **changes)
-    res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
-    assert_one_line_error(res, needle)
-    assert not (tmp_path / "m.gguf").exists()
+    assert_refused(config_variant(folder / "hf", tmp_path / "ckpt", **changes), tmp_path, needle)
 
 
 def test_check_and_run_the_pair(folder, converted, tmp_path):
-    res = run_cli("check", folder / "text.gguf", converted("hf", "f16"), "--json")
-    data = json.loads(res.stdout)
-    assert res.code == 0 and data["ok"], res.stdout
-    assert not [f for f in data["findings"] if f["code"] == "runtime-defect"]  # the CLS defect needs v.class_embd
+    _, found = cli_check(folder / "text.gguf", converted("hf", "f16"))
+    assert "runtime-defect" not in found  # the CLS defect needs v.class_embd
     out = run_cli("run", folder / "text.gguf", converted("hf", "q8_0"), "--image", ROOT / "fixtures" / "sample.png",
                   "-p", "What is it?", "--max-tokens", "4", "--seed", "0", "--json")
     assert out.code == 0, out.stderr
@@ -86,8 +81,4 @@ def test_check_and_run_the_pair(folder, converted, tmp_path):
 
 
 def test_convert_and_verify_cli(folder, tmp_path):
-    out = tmp_path / "mmproj.gguf"
-    assert run_cli("convert", folder / "hf-hub", "-o", out, "--outtype", "bf16").code == 0
-    res = run_cli("verify", folder / "hf-hub", out, "--json")
-    data = json.loads(res.stdout)
-    assert res.code == 0 and data["passed"] and data["projector_type"] == "mlp", res.stdout
+    cli_convert_and_verify(folder / "hf-hub", tmp_path, "bf16", projector="mlp")

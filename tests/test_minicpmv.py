@@ -10,15 +10,14 @@ slice and not square (a declared runtime defect, shown here by the token counts)
 """
 from __future__ import annotations
 
-import ctypes
 import json
 
 import gguf
 import numpy as np
 import pytest
 
-from conftest import (BARS, assert_fidelity, assert_one_line_error, assert_same_tensors, config_variant,
-                      family_fixtures, gguf_tensors, run_cli)
+from conftest import (BARS, assert_audit_finds, assert_fidelity, assert_refused, assert_same_tensors,
+                      cli_convert_and_verify, config_variant, family_fixtures, gguf_tensors, llama_chunks, pair_codes)
 from fixtures import minicpmv
 from ggraft.converters.minicpmv import LLAMA_GRID, POSITIONS, MiniCPMV46, spread_rows
 from ggraft.errors import UnsupportedModelError
@@ -28,7 +27,6 @@ from ggraft.jobs import verify as verify_job
 from ggraft.jobs.verify import compare, load_reference_model, verify
 from ggraft.mmproj import writer as mmproj
 from ggraft.mmproj.converter import converter_for
-from ggraft.pair import engine
 
 Q = gguf.GGMLQuantizationType
 K = gguf.Keys.ClipVision
@@ -123,44 +121,6 @@ def test_layouts_write_identical_files(layout, converted):
     assert_same_tensors(converted("hf", "f32"), converted(layout, "f32"))
 
 
-def llama_chunks(mmproj_path, text, img: np.ndarray, n_embd: int) -> list[tuple[str, object]]:
-    """The chunks mtmd makes of one image: ("text", [token pieces]) and ("image", embeddings)."""
-    import llama_cpp
-
-    model = engine.load_text_model(text)
-    vocab = llama_cpp.llama_model_get_vocab(model)
-    out: list[tuple[str, object]] = []
-    try:
-        with engine.VisionEncoder(mmproj_path, model, n_threads=2) as enc:
-            m, h, w = enc._mtmd, img.shape[0], img.shape[1]
-            buf = (ctypes.c_uint8 * img.size).from_buffer_copy(np.ascontiguousarray(img).tobytes())
-            bitmap, chunks = m.mtmd_bitmap_init(w, h, buf), m.mtmd_input_chunks_init()
-            part = m.mtmd_input_part(text=None, bitmap=bitmap)
-            assert m.mtmd_tokenize_from_parts(enc.ctx, chunks, (ctypes.POINTER(m.mtmd_input_part) * 1)(
-                ctypes.pointer(part)), 1, False) == 0
-            for i in range(m.mtmd_input_chunks_size(chunks)):
-                chunk = m.mtmd_input_chunks_get(chunks, i)
-                n = m.mtmd_input_chunk_get_n_tokens(chunk)
-                if m.mtmd_input_chunk_get_type(chunk) == m.MTMD_INPUT_CHUNK_TYPE_IMAGE:
-                    assert m.mtmd_encode_chunk(enc.ctx, chunk) == 0
-                    emb = np.ctypeslib.as_array(m.mtmd_get_output_embd(enc.ctx), shape=(n * n_embd,))
-                    out.append(("image", emb.reshape(n, n_embd).copy()))
-                else:
-                    size = ctypes.c_size_t()
-                    ids = m.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(size))
-                    pieces = []
-                    for t in ids[:size.value]:
-                        piece = ctypes.create_string_buffer(64)
-                        used = llama_cpp.llama_token_to_piece(vocab, t, piece, 64, 0, True)
-                        pieces.append(piece.raw[:used].decode())
-                    out.append(("text", pieces))
-            m.mtmd_input_chunks_free(chunks)
-            m.mtmd_bitmap_free(bitmap)
-    finally:
-        engine.free_text_model(model)
-    return out
-
-
 def processed(folder, layout, img: np.ndarray):
     """transformers' processor on ``img``: (pixel_values, target sizes, slice grid)."""
     from PIL import Image
@@ -178,7 +138,7 @@ def test_whole_sliced_image(folder, converted):
     import torch
 
     img = verify_job.test_image(112, 224, seed=3)
-    chunks = llama_chunks(converted("hf", "f32"), folder / "text.gguf", img, 48)
+    chunks = llama_chunks(converted("hf", "f32"), folder / "text.gguf", img, 48, pieces=True, n_threads=2)
     texts = [pieces for kind, pieces in chunks if kind == "text"]
     assert texts == [["<image>"], ["</image>", "<slice>"], ["</slice>", "<slice>"], ["</slice>"]]
     pixels, sizes, grid = processed(folder, "hf", img)
@@ -201,7 +161,8 @@ def test_runtime_defect_16x_unsliced_image(layout, size, llama, transformers, fo
     """Images smaller in area than a slice: in 16x mode llama.cpp stretches or slices them where
     transformers' processor keeps the aspect ratio in one image (the declared runtime defect)."""
     img = verify_job.test_image(*size, seed=4)
-    chunks = llama_chunks(converted(layout, "f32"), text_for(folder, layout), img, 48 if layout == "hf" else 40)
+    chunks = llama_chunks(converted(layout, "f32"), text_for(folder, layout), img, 48 if layout == "hf" else 40,
+                          pieces=True, n_threads=2)
     _, sizes, _ = processed(folder, layout, img)
     per_token = 16 if layout == "hf" else 4
     assert [len(e) for kind, e in chunks if kind == "image"] == llama
@@ -209,10 +170,8 @@ def test_runtime_defect_16x_unsliced_image(layout, size, llama, transformers, fo
 
 
 def test_inexpressible_config_is_refused(folder, tmp_path):
-    src = config_variant(folder / "hf", tmp_path / "ckpt", vision={"image_size": 84})
-    res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
-    assert_one_line_error(res, "a 12x12 position grid")
-    assert not (tmp_path / "m.gguf").exists()
+    assert_refused(config_variant(folder / "hf", tmp_path / "ckpt", vision={"image_size": 84}), tmp_path,
+                   "a 12x12 position grid")
 
 
 @pytest.mark.parametrize("vision,top,needle", [
@@ -233,12 +192,8 @@ def test_model_and_processor_modes_must_agree(folder, tmp_path):
 
 
 def test_check_finds_boundary_tokens_and_warns_of_the_defect(folder, converted):
-    from ggraft.pair.check import check_pair
-
     for layout in ("hf", "hf4x"):
-        report = check_pair(text_for(folder, layout), converted(layout, "f16"))
-        assert report.ok, report.findings
-        codes = {f.code: f for f in report.findings}
+        codes = pair_codes(text_for(folder, layout), converted(layout, "f16"))
         assert all(t in codes["boundary-tokens"].message for t in ("<image>", "</image>", "<slice>", "</slice>"))
         assert codes["width"].severity == "info"
         defect = codes.get("runtime-defect")
@@ -246,17 +201,8 @@ def test_check_finds_boundary_tokens_and_warns_of_the_defect(folder, converted):
 
 
 def test_audit_finds_minicpm_tokens(folder):
-    for source in (folder / "text.gguf", folder / "hf"):
-        data = json.loads(run_cli("audit", source, "--json").stdout)
-        family = next(f for f in data["families"] if f["family"] == "MiniCPM-V")
-        assert family["found"] == family["expected"] == 4
-        assert any("MiniCPMV4_6ForConditionalGeneration" in d for d in data["donors"]["MiniCPM-V"])
+    assert_audit_finds(folder, "MiniCPM-V", 4, "MiniCPMV4_6ForConditionalGeneration")
 
 
 def test_convert_and_verify_cli(folder, tmp_path):
-    out = tmp_path / "mmproj.gguf"
-    res = run_cli("convert", folder / "hf-hub", "-o", out, "--outtype", "bf16", "--json")
-    assert res.code == 0, res.stderr
-    res = run_cli("verify", folder / "hf-hub", out, "--text", folder / "text.gguf", "--json")
-    data = json.loads(res.stdout)
-    assert res.code == 0 and data["passed"] and data["projector_type"] == "minicpmv4_6", res.stderr
+    cli_convert_and_verify(folder / "hf-hub", tmp_path, "bf16", text=folder / "text.gguf", projector="minicpmv4_6")

@@ -5,14 +5,12 @@ The test image is 42x56 pixels at patch 7: 6x8 patches, 12 tokens of 2x2, within
 """
 from __future__ import annotations
 
-import json
-
 import gguf
 import numpy as np
 import pytest
 
-from conftest import (BARS, assert_fidelity, assert_one_line_error, assert_same_tensors, config_variant,
-                      family_fixtures, gguf_tensors, run_cli)
+from conftest import (BARS, assert_audit_finds, assert_fidelity, assert_refused, assert_same_tensors,
+                      cli_convert_and_verify, config_variant, family_fixtures, gguf_tensors, pair_codes)
 from fixtures import minimax_m3
 from ggraft.gguf_io import gguf_file
 from ggraft.hf.checkpoint import Checkpoint
@@ -100,34 +98,18 @@ def test_rope_layout_is_needed(folder, tmp_path):
     ({"temporal_patch_size": 1}, "temporal_patch_size 2"),
 ])
 def test_inexpressible_config_is_refused(changes, needle, folder, tmp_path):
-    src = config_variant(folder / "hf", tmp_path / "ckpt", vision=changes)
-    res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
-    assert_one_line_error(res, needle)
-    assert not (tmp_path / "m.gguf").exists()
+    assert_refused(config_variant(folder / "hf", tmp_path / "ckpt", vision=changes), tmp_path, needle)
 
 
 def test_check_finds_boundary_tokens(folder, converted):
-    from ggraft.pair.check import check_pair
-
-    report = check_pair(folder / "text.gguf", converted("hf", "f16"))
-    assert report.ok, report.findings
-    codes = {f.code: f for f in report.findings}
+    codes = pair_codes(folder / "text.gguf", converted("hf", "f16"))
     assert BOI in codes["boundary-tokens"].message and EOI in codes["boundary-tokens"].message
     assert "runtime-defect" not in codes
 
 
 def test_audit_finds_minimax_m3_tokens(folder):
-    for source in (folder / "text.gguf", folder / "hf"):
-        data = json.loads(run_cli("audit", source, "--json").stdout)
-        family = next(f for f in data["families"] if f["family"] == "MiniMax-M3")
-        assert family["found"] == family["expected"] == 4
-        assert any("MiniMaxM3SparseForConditionalGeneration" in d for d in data["donors"]["MiniMax-M3"])
+    assert_audit_finds(folder, "MiniMax-M3", 4, "MiniMaxM3SparseForConditionalGeneration")
 
 
 def test_convert_and_verify_cli(folder, tmp_path):
-    out = tmp_path / "mmproj.gguf"
-    res = run_cli("convert", folder / "hf-hub", "-o", out, "--outtype", "bf16", "--json")
-    assert res.code == 0, res.stderr
-    res = run_cli("verify", folder / "hf-hub", out, "--text", folder / "text.gguf", "--json")
-    data = json.loads(res.stdout)
-    assert res.code == 0 and data["passed"] and data["projector_type"] == "minimax_m3", data
+    cli_convert_and_verify(folder / "hf-hub", tmp_path, "bf16", text=folder / "text.gguf", projector="minimax_m3")

@@ -13,14 +13,12 @@ for the released model).  On a larger square grid only the table's edges differ 
 """
 from __future__ import annotations
 
-import json
-
 import gguf
 import numpy as np
 import pytest
 
-from conftest import (BARS, assert_fidelity, assert_one_line_error, assert_same_tensors, config_variant,
-                      family_fixtures, gguf_tensors, run_cli)
+from conftest import (BARS, assert_audit_finds, assert_fidelity, assert_refused, assert_same_tensors, changed_config,
+                      cli_convert_and_verify, config_variant, family_fixtures, gguf_tensors, window_attention_cosines)
 from fixtures import muse_glimmer
 from ggraft.gguf_io import gguf_file
 from ggraft.hf.checkpoint import Checkpoint
@@ -96,19 +94,9 @@ def test_layouts_write_identical_files(layout, converted):
 def test_test_image_exercises_the_windows(folder):
     """transformers' own features for the test image change when every block attends fully: the
     fidelity tests compare window attention, not its absence."""
-    import torch
-
-    from ggraft.jobs.verify import load_reference_model, pixel_values, test_image
-    from ggraft.mmproj.converter import converter_for
-
-    ckpt = Checkpoint(folder / "hf")
-    conv, model = converter_for(ckpt), load_reference_model(ckpt)
-    pv = pixel_values(test_image(*conv.test_image_size()), conv.params().image_mean, conv.params().image_std)
-    with torch.no_grad():
-        windowed = conv.reference_features(model, pv).pooler_output[0]
-        model.model.vision_tower.config.layer_types = ["full_attention"] * 5
-        full = conv.reference_features(model, pv).pooler_output[0]
-    assert torch.nn.functional.cosine_similarity(windowed, full, dim=-1).min() < 0.99
+    attend_fully = lambda m: setattr(m.model.vision_tower.config, "layer_types", ["full_attention"] * 5)  # noqa: E731
+    (cos,) = window_attention_cosines(folder / "hf", attend_fully)
+    assert cos.min() < 0.99
 
 
 @pytest.mark.parametrize("changes,needle", [
@@ -123,17 +111,14 @@ def test_test_image_exercises_the_windows(folder):
 def test_inexpressible_config_is_refused(changes, needle, folder):
     from ggraft.converters.muse_glimmer import MuseGlimmer
 
-    config = json.loads((folder / "hf" / "config.json").read_text())
-    config["vision_config"].update(changes)
+    config = changed_config(folder / "hf", changes)
     assert needle in MuseGlimmer.refuses(config)
     assert "exact GELU" in MuseGlimmer.refuses({**config, "vision_config": {}, "projector_hidden_act": "silu"})
 
 
 def test_refusal_is_one_line(folder, tmp_path):
     src = config_variant(folder / "hf", tmp_path / "ckpt", vision={"layer_types": ["window_attention"] * 5})
-    res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
-    assert_one_line_error(res, "MuseGlimmerForConditionalGeneration", "every 4th block and the last")
-    assert not (tmp_path / "m.gguf").exists()
+    assert_refused(src, tmp_path, "MuseGlimmerForConditionalGeneration", "every 4th block and the last")
 
 
 def test_check_finds_boundary_tokens_and_warns_of_the_defects(folder, converted):
@@ -152,19 +137,9 @@ def test_check_finds_boundary_tokens_and_warns_of_the_defects(folder, converted)
 
 
 def test_audit_finds_muse_glimmer_tokens(folder):
-    from ggraft.jobs.audit import audit
-
-    for source in (folder / "text.gguf", folder / "hf"):
-        report = audit(source)
-        assert {"family": "Muse Glimmer", "found": 7, "expected": 7} in report.families
-        assert any("MuseGlimmerForConditionalGeneration" in d for d in report.donors["Muse Glimmer"])
+    assert_audit_finds(folder, "Muse Glimmer", 7, "MuseGlimmerForConditionalGeneration", library=True)
 
 
 def test_convert_and_verify_cli(folder, tmp_path):
-    out = tmp_path / "mmproj.gguf"
-    res = run_cli("convert", folder / "hf-hub", "-o", out, "--outtype", "bf16", "--json")
-    assert res.code == 0, res.stderr
-    assert json.loads(res.stdout)["projector_type"] == "muse-glimmer"
-    res = run_cli("verify", folder / "hf-hub", out, "--text", folder / "text.gguf", "--image-size", "28x28", "--json")
-    data = json.loads(res.stdout)
-    assert res.code == 0 and data["passed"] and data["image_size"] == [28, 28], res.stdout
+    cli_convert_and_verify(folder / "hf-hub", tmp_path, "bf16", text=folder / "text.gguf",
+                           verify_args=("--image-size", "28x28"), projector="muse-glimmer", image_size=(28, 28))

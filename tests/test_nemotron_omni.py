@@ -12,15 +12,14 @@ image shapes get other tokens in llama.cpp than in transformers' processor (a na
 from __future__ import annotations
 
 import ast
-import json
 import math
 
 import gguf
 import numpy as np
 import pytest
 
-from conftest import (BARS, assert_fidelity, assert_one_line_error, assert_same_tensors, config_variant,
-                      family_fixtures, gguf_tensors, run_cli)
+from conftest import (BARS, assert_audit_finds, assert_fidelity, assert_refused, assert_same_tensors, changed_config,
+                      cli_convert_and_verify, config_variant, family_fixtures, gguf_tensors, pair_codes)
 from fixtures import nemotron_omni
 from ggraft.gguf_io import gguf_file
 from ggraft.hf.checkpoint import Checkpoint
@@ -121,9 +120,7 @@ def test_final_layernorm(folder, tmp_path):
 
     out = mmproj.convert(WithoutFinalNorm(Checkpoint(folder / "hf")), tmp_path / "no-norm.gguf", "f32")
     assert verify(folder / "hf", out).result.min_cosine < 0.99
-    config = json.loads((folder / "hf" / "config.json").read_text())
-    src = config_variant(folder / "hf", tmp_path / "no-mtp", text_config={**config["text_config"],
-                                                                          "num_nextn_predict_layers": 0})
+    src = config_variant(folder / "hf", tmp_path / "no-mtp", **{"text_config.num_nextn_predict_layers": 0})
     out = mmproj.convert(converter_for(Checkpoint(src)), tmp_path / "no-mtp.gguf", "f32")
     assert "v.post_ln.weight" not in gguf_tensors(out)
     report = verify(src, out)
@@ -198,25 +195,16 @@ def test_other_shapes_are_the_named_runtime_defect(folder, converted):
 def test_inexpressible_config_is_refused(changes, top, needle, folder):
     from ggraft.converters.nemotron_omni import NemotronOmni
 
-    config = json.loads((folder / "hf" / "config.json").read_text())
-    config["vision_config"].update(changes)
-    config.update(top)
-    assert needle in NemotronOmni.refuses(config)
+    assert needle in NemotronOmni.refuses(changed_config(folder / "hf", changes, **top))
 
 
 def test_refusal_is_one_line(folder, tmp_path):
     src = config_variant(folder / "hf", tmp_path / "ckpt", vision={"hidden_act": "relu"})
-    res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
-    assert_one_line_error(res, "NemotronH_Omni_Reasoning_V3", "vision activation 'relu'")
-    assert not (tmp_path / "m.gguf").exists()
+    assert_refused(src, tmp_path, "NemotronH_Omni_Reasoning_V3", "vision activation 'relu'")
 
 
 def test_check_finds_no_boundary_tokens(folder, converted):
-    from ggraft.pair.check import check_pair
-
-    report = check_pair(folder / "text.gguf", converted("hf", "f16"))
-    assert report.ok, report.findings
-    codes = {f.code: f for f in report.findings}
+    codes = pair_codes(folder / "text.gguf", converted("hf", "f16"))
     assert "inserts no boundary tokens" in codes["boundary-tokens"].message  # mtmd.cpp:843: none for this type
     assert codes["width"].severity == "info" and "80" in codes["width"].message
     assert codes["chat-template"].severity == "info"
@@ -224,20 +212,9 @@ def test_check_finds_no_boundary_tokens(folder, converted):
 
 
 def test_audit_finds_nemotron_tokens(folder):
-    from ggraft.jobs.audit import audit
-
-    for source in (folder / "text.gguf", folder / "hf"):
-        report = audit(source)
-        assert {"family": "Nemotron VL", "found": 3, "expected": 3} in report.families
-        assert any("NemotronH_Omni_Reasoning_V3" in d for d in report.donors["Nemotron VL"])
+    assert_audit_finds(folder, "Nemotron VL", 3, "NemotronH_Omni_Reasoning_V3", library=True)
 
 
 def test_convert_and_verify_cli(folder, tmp_path):
-    out = tmp_path / "mmproj.gguf"
-    res = run_cli("convert", folder / "hf-hub", "-o", out, "--outtype", "bf16", "--json")
-    assert res.code == 0, res.stderr
-    assert json.loads(res.stdout)["projector_type"] == "nemotron_v2_vl"
-    res = run_cli("verify", folder / "hf-hub", out, "--text", folder / "text.gguf", "--json")
-    data = json.loads(res.stdout)
-    assert res.code == 0 and data["passed"] and data["projector_type"] == "nemotron_v2_vl", res.stdout
-    assert data["result"]["tokens"] == TOKENS
+    cli_convert_and_verify(folder / "hf-hub", tmp_path, "bf16", text=folder / "text.gguf", projector="nemotron_v2_vl",
+                           tokens=TOKENS)

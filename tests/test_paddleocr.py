@@ -11,14 +11,12 @@ antialiased table at the same bar.
 """
 from __future__ import annotations
 
-import json
-
 import gguf
 import numpy as np
 import pytest
 
-from conftest import (BARS, assert_fidelity, assert_one_line_error, assert_same_tensors, config_variant,
-                      family_fixtures, gguf_tensors, run_cli)
+from conftest import (BARS, assert_audit_finds, assert_fidelity, assert_refused, assert_same_tensors,
+                      cli_convert_and_verify, config_variant, family_fixtures, gguf_tensors, pair_codes)
 from fixtures import paddleocr
 from ggraft.gguf_io import gguf_file
 from ggraft.hf.checkpoint import Checkpoint
@@ -98,44 +96,25 @@ def test_layouts_write_identical_files(layout, folder, converted):
     ({"num_attention_heads": 32}, "head size 2"),
 ])
 def test_inexpressible_config_is_refused(changes, needle, folder, tmp_path):
-    src = config_variant(folder / "hf", tmp_path / "ckpt", vision=changes)
-    res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
-    assert_one_line_error(res, needle)
-    assert not (tmp_path / "m.gguf").exists()
+    assert_refused(config_variant(folder / "hf", tmp_path / "ckpt", vision=changes), tmp_path, needle)
 
 
 def test_unmappable_tensor_is_named(folder, tmp_path):
     extra = {"mlp_AR.linear_3.weight": np.zeros((80, 80), np.float32)}  # transformers' projector has two
-    src = config_variant(folder / "hf", tmp_path / "ckpt", extra=extra)
-    res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
-    assert_one_line_error(res, "mlp_AR.linear_3.weight")
-    assert not (tmp_path / "m.gguf").exists()
+    assert_refused(config_variant(folder / "hf", tmp_path / "ckpt", extra=extra), tmp_path, "mlp_AR.linear_3.weight")
 
 
 def test_check_finds_boundary_tokens_and_warns_of_the_defect(folder, converted):
-    from ggraft.pair.check import check_pair
-
-    report = check_pair(folder / "text.gguf", converted("hf-hub", "f16"))
-    assert report.ok, report.findings
-    codes = {f.code: f for f in report.findings}
+    codes = pair_codes(folder / "text.gguf", converted("hf-hub", "f16"))
     assert "<|IMAGE_START|>" in codes["boundary-tokens"].message and "<|IMAGE_END|>" in codes["boundary-tokens"].message
     assert codes["width"].severity == "info" and codes["text-architecture"].severity == "info"
     assert codes["runtime-defect"].severity == "warning" and DEFECT in codes["runtime-defect"].message
 
 
 def test_audit_finds_paddleocr_tokens(folder):
-    for source in (folder / "text.gguf", folder / "hf"):
-        data = json.loads(run_cli("audit", source, "--json").stdout)
-        family = next(f for f in data["families"] if f["family"] == "PaddleOCR-VL")
-        assert family["found"] == family["expected"] == 3
-        assert any("PaddleOCRVLForConditionalGeneration" in d for d in data["donors"]["PaddleOCR-VL"])
+    assert_audit_finds(folder, "PaddleOCR-VL", 3, "PaddleOCRVLForConditionalGeneration")
 
 
 def test_convert_and_verify_cli(folder, tmp_path):
-    out = tmp_path / "mmproj.gguf"
-    res = run_cli("convert", folder / "hf-hub", "-o", out, "--outtype", "bf16", "--json")
-    assert res.code == 0, res.stderr
-    res = run_cli("verify", folder / "hf-hub", out, "--text", folder / "text.gguf", "--json")
-    data = json.loads(res.stdout)
-    assert res.code == 0 and data["passed"] and data["projector_type"] == "paddleocr", res.stdout
-    assert data["image_size"] == [56, 56] and data["result"]["tokens"] == 16
+    cli_convert_and_verify(folder / "hf-hub", tmp_path, "bf16", text=folder / "text.gguf", projector="paddleocr",
+                           image_size=(56, 56), tokens=16)

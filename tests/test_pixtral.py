@@ -9,7 +9,7 @@ import gguf
 import numpy as np
 import pytest
 
-from conftest import BARS, assert_one_line_error, record_fidelity, run_cli
+from conftest import BARS, assert_fidelity, assert_refused, assert_same_tensors, cli_convert, gguf_tensors
 from ggraft.gguf_io import gguf_file
 from ggraft.hf.checkpoint import Checkpoint, MistralCheckpoint, open_checkpoint
 from ggraft.mmproj.converter import converter_for
@@ -33,19 +33,12 @@ def layouts(fixture, tmp_path_factory):
             for lay in ("hf", "hf-modules", "native")}
 
 
-def tensors(path) -> dict[str, gguf.ReaderTensor]:
-    return {t.name: t for t in gguf.GGUFReader(path).tensors}
-
-
 @pytest.mark.parametrize("outtype", list(BARS))
 def test_mistral3_fidelity(fixture, tmp_path, outtype):
     mmproj = convert(converter_for(Checkpoint(fixture / "hf-modules")), tmp_path / "m.gguf", outtype)
     report = verify(fixture / "hf", mmproj, text=fixture / "text.gguf")
-    record_fidelity("pixtral", outtype, report)
-    assert report.bar == BARS[outtype] and report.outtype == outtype
-    assert report.image_size == (48, 64)  # 3x4 merged tokens, aligned to patch*merge: llama.cpp does not resize
-    assert report.result.tokens == 12, report.problem
-    assert report.passed, report.result
+    # 3x4 merged tokens, aligned to patch*merge: llama.cpp does not resize
+    assert_fidelity("pixtral", outtype, report, tokens=12, image_size=(48, 64))
 
 
 def test_pixtral_12b_fidelity(fixture, tmp_path):
@@ -53,10 +46,10 @@ def test_pixtral_12b_fidelity(fixture, tmp_path):
     conv = converter_for(Checkpoint(fixture / "pixtral-hf"))
     assert type(conv).__name__ == "Pixtral" and not conv.merges
     mmproj = convert(conv, tmp_path / "m.gguf", "f32")
-    assert {"mm.1.bias", "mm.2.bias"} <= set(tensors(mmproj)) and "mm.patch_merger.weight" not in tensors(mmproj)
+    t = gguf_tensors(mmproj)
+    assert {"mm.1.bias", "mm.2.bias"} <= set(t) and "mm.patch_merger.weight" not in t
     report = verify(fixture / "pixtral-hf", mmproj, text=fixture / "pixtral-text.gguf")
-    record_fidelity("pixtral-12b", "f32", report)
-    assert report.result.tokens == 12 and report.passed, report.result
+    assert_fidelity("pixtral-12b", "f32", report, tokens=12)
 
 
 def test_earlier_feature_layer_drops_later_blocks(fixture, tmp_path):
@@ -65,7 +58,7 @@ def test_earlier_feature_layer_drops_later_blocks(fixture, tmp_path):
     hf = linked_copy(fixture / "hf", tmp_path / "hf", config={"vision_feature_layer": -2})
     mmproj = convert(converter_for(Checkpoint(hf)), tmp_path / "m.gguf", "f32")
     assert gguf_file.value(gguf.GGUFReader(mmproj), "clip.vision.block_count") == 1
-    assert not any(n.startswith("v.blk.1.") for n in tensors(mmproj))
+    assert not any(n.startswith("v.blk.1.") for n in gguf_tensors(mmproj))
     report = verify(hf, mmproj, text=fixture / "text.gguf")
     assert report.passed, report.result
 
@@ -83,7 +76,7 @@ def test_keys(layouts):
 
 
 def test_tensors_and_img_break_row(layouts, fixture):
-    t = tensors(layouts["hf"])
+    t = gguf_tensors(layouts["hf"])
     assert {"v.patch_embd.weight", "v.pre_ln.weight", "v.blk.1.attn_q.weight", "v.blk.1.ffn_gate.weight",
             "mm.input_norm.weight", "mm.patch_merger.weight", "mm.1.weight", "mm.2.weight"} <= set(t)
     brk = t["v.token_embd.img_break"]
@@ -95,12 +88,8 @@ def test_tensors_and_img_break_row(layouts, fixture):
 def test_layouts_give_identical_tensors(layouts):
     """transformers 5.23's save_pretrained (= 4.x hub names), the module names (sharded) and Mistral's
     native consolidated.safetensors (q/k interleaved, adapter as w_in/w_out) give one mmproj."""
-    base = tensors(layouts["hf"])
     for lay in ("hf-modules", "native"):
-        other = tensors(layouts[lay])
-        assert sorted(other) == sorted(base), lay
-        for name in base:
-            assert np.array_equal(np.asarray(other[name].data), np.asarray(base[name].data)), (lay, name)
+        assert_same_tensors(layouts["hf"], layouts[lay])
 
 
 def test_native_checkpoint(fixture):
@@ -115,15 +104,12 @@ def test_native_checkpoint(fixture):
 
 
 def test_native_convert_cli(fixture, tmp_path):
-    res = run_cli("convert", fixture / "native", "-o", tmp_path / "n.gguf", "--outtype", "f16", "--json")
-    assert res.code == 0, res.stderr
-    assert json.loads(res.stdout)["projector_type"] == "pixtral"
+    cli_convert(fixture / "native", tmp_path / "n.gguf", "f16", "pixtral")
 
 
 def test_native_without_weights(fixture, tmp_path):
     shutil.copy(fixture / "native" / "params.json", tmp_path / "params.json")
-    res = run_cli("convert", tmp_path, "-o", tmp_path / "m.gguf")
-    assert_one_line_error(res, "no *.safetensors")
+    assert_refused(tmp_path, tmp_path, "no *.safetensors")
 
 
 def linked_copy(src, dst, config: dict | None = None, leave_out: tuple[str, ...] = ()):
@@ -139,9 +125,7 @@ def linked_copy(src, dst, config: dict | None = None, leave_out: tuple[str, ...]
 
 def test_missing_img_break_token_is_one_line(fixture, tmp_path):
     hf = linked_copy(fixture / "hf", tmp_path / "hf", leave_out=("tokenizer_config.json",))
-    res = run_cli("convert", hf, "-o", tmp_path / "m.gguf")
-    assert_one_line_error(res, "[IMG_BREAK]", "not in the tokenizer")
-    assert not (tmp_path / "m.gguf").exists()
+    assert_refused(hf, tmp_path, "[IMG_BREAK]", "not in the tokenizer")
 
 
 def test_llava_clip_still_goes_to_the_clip_converter(llava_fixture):
@@ -159,6 +143,4 @@ def test_refusals_name_the_reason(fixture, tmp_path, change, needle):
     config = json.loads((fixture / "hf" / "config.json").read_text())
     for key, value in change.items():
         config[key] = {**config[key], **value} if isinstance(value, dict) else value
-    hf = linked_copy(fixture / "hf", tmp_path / "hf", config=config)
-    res = run_cli("convert", hf, "-o", tmp_path / "m.gguf")
-    assert_one_line_error(res, needle)
+    assert_refused(linked_copy(fixture / "hf", tmp_path / "hf", config=config), tmp_path, needle)

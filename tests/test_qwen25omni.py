@@ -13,15 +13,13 @@ their text as ordinary pieces; ``check`` reports it.
 """
 from __future__ import annotations
 
-import ctypes
-import json
-
 import gguf
 import numpy as np
 import pytest
 
-from conftest import (BARS, assert_fidelity, assert_one_line_error, assert_same_tensors, config_variant,
-                      family_fixtures, gguf_tensors, run_cli)
+from conftest import (BARS, assert_audit_finds, assert_fidelity, assert_refused, assert_same_tensors, changed_config,
+                      cli_convert_and_verify, config_variant, family_fixtures, gguf_tensors, llama_chunks,
+                      window_attention_cosines)
 from fixtures import qwen25omni
 from ggraft.gguf_io import gguf_file
 from ggraft.hf.checkpoint import Checkpoint
@@ -88,28 +86,10 @@ def test_layouts_write_identical_files(layout, converted):
 def test_test_image_exercises_the_windows(folder):
     """transformers' own features for the test image change when every block attends fully, and do not
     for the one-window image: the fidelity tests compare window attention and its absence."""
-    import torch
-
-    from ggraft.jobs.verify import load_reference_model, pixel_values, test_image
-
-    ckpt = Checkpoint(folder / "hf")
-    conv = converter_for(ckpt)
-    model = load_reference_model(ckpt, conv.reference_class())
-    visual = model.model.visual
-
-    def cosines(size):
-        pv = pixel_values(test_image(*size), conv.params().image_mean, conv.params().image_std)
-        with torch.no_grad():
-            windowed = conv.reference_features(model, pv).pooler_output[0]
-            visual.fullatt_block_indexes = [0, 1, 2]
-            try:
-                full = conv.reference_features(model, pv).pooler_output[0]
-            finally:
-                visual.fullatt_block_indexes = [2]
-        return torch.nn.functional.cosine_similarity(windowed, full, dim=-1)
-
-    assert cosines(ONE_WINDOW).min() > 0.999999
-    assert cosines(FOUR_WINDOWS).min() < 0.99
+    attend_fully = lambda m: setattr(m.model.visual, "fullatt_block_indexes", [0, 1, 2])  # noqa: E731
+    one, four = window_attention_cosines(folder / "hf", attend_fully, [ONE_WINDOW, FOUR_WINDOWS])
+    assert one.min() > 0.999999
+    assert four.min() < 0.99
 
 
 def test_window_size_llama_cpp_ignores_is_named(folder, tmp_path):
@@ -128,43 +108,14 @@ def test_window_size_llama_cpp_ignores_is_named(folder, tmp_path):
     assert any("window" in m for m in warned) and any(BOUNDARY_DEFECT in m for m in warned)
 
 
-def mtmd_text_around_image(text_gguf, mmproj_path) -> list[list[int]]:
-    """The text tokens llama.cpp's mtmd puts around one image (one list per text chunk)."""
-    from ggraft.pair import engine
-
-    model = engine.load_text_model(text_gguf)
-    try:
-        with engine.VisionEncoder(mmproj_path, model) as enc:
-            m, rgb = enc._mtmd, np.zeros((*FOUR_WINDOWS, 3), np.uint8)
-            bitmap = m.mtmd_bitmap_init(rgb.shape[1], rgb.shape[0],
-                                        (ctypes.c_uint8 * rgb.size).from_buffer_copy(rgb.tobytes()))
-            chunks = m.mtmd_input_chunks_init()
-            try:
-                part = m.mtmd_input_part(text=None, bitmap=bitmap)
-                parts = (ctypes.POINTER(m.mtmd_input_part) * 1)(ctypes.pointer(part))
-                assert m.mtmd_tokenize_from_parts(enc.ctx, chunks, parts, 1, False) == 0
-                out = []
-                for i in range(m.mtmd_input_chunks_size(chunks)):
-                    chunk = m.mtmd_input_chunks_get(chunks, i)
-                    if m.mtmd_input_chunk_get_type(chunk) == m.MTMD_INPUT_CHUNK_TYPE_TEXT:
-                        n = ctypes.c_size_t()
-                        tokens = m.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
-                        out.append([tokens[j] for j in range(n.value)])
-                return out
-            finally:
-                m.mtmd_input_chunks_free(chunks)
-                m.mtmd_bitmap_free(bitmap)
-    finally:
-        engine.free_text_model(model)
-
-
 def test_runtime_boundary_tokens_are_not_the_vocabularys(folder, converted):
     """The defect itself: around the image llama.cpp puts many plain pieces (the text of <|vision_start|> and
     <|vision_end|>), not the one <|vision_bos|> / <|vision_eos|> token each the model was trained with."""
     from fixtures.tokenizer import train
 
     ids = train(special=qwen25omni.SPECIAL).special
-    before, after = mtmd_text_around_image(folder / "text.gguf", converted("hf", "f32"))
+    chunks = llama_chunks(converted("hf", "f32"), folder / "text.gguf", np.zeros((*FOUR_WINDOWS, 3), np.uint8), 80)
+    before, after = [list(ids) for kind, ids in chunks if kind == "text"]  # the text tokens around the image
     assert len(before) > 1 and len(after) > 1
     assert ids["<|vision_bos|>"] not in before and ids["<|vision_eos|>"] not in after
 
@@ -188,12 +139,7 @@ def test_check_reports_the_boundary_tokens(folder, converted):
 
 
 def test_audit_finds_omni_tokens(folder):
-    from ggraft.jobs.audit import audit
-
-    for source in (folder / "text.gguf", folder / "hf"):
-        report = audit(source)
-        assert {"family": "Qwen2.5-Omni", "found": 4, "expected": 4} in report.families
-        assert any("Qwen2_5OmniForConditionalGeneration" in d for d in report.donors["Qwen2.5-Omni"])
+    assert_audit_finds(folder, "Qwen2.5-Omni", 4, "Qwen2_5OmniForConditionalGeneration", library=True)
 
 
 @pytest.mark.parametrize("changes,needle", [
@@ -204,28 +150,16 @@ def test_audit_finds_omni_tokens(folder):
 def test_inexpressible_config_is_refused(changes, needle, folder):
     from ggraft.converters.qwen25omni import Qwen25Omni
 
-    config = json.loads((folder / "hf" / "config.json").read_text())
-    config["thinker_config"]["vision_config"].update(changes)
-    assert needle in Qwen25Omni.refuses(config)
-    thinker = json.loads((folder / "hf-thinker" / "config.json").read_text())
-    thinker["vision_config"].update(changes)
-    assert needle in Qwen25Omni.refuses(thinker)
+    nested = changed_config(folder / "hf", changes, vision_section="thinker_config.vision_config")
+    assert needle in Qwen25Omni.refuses(nested)
+    assert needle in Qwen25Omni.refuses(changed_config(folder / "hf-thinker", changes))
 
 
 def test_refusal_is_one_line(folder, tmp_path):
-    thinker = json.loads((folder / "hf" / "config.json").read_text())["thinker_config"]
-    thinker["vision_config"]["fullatt_block_indexes"] = [0, 1]
-    src = config_variant(folder / "hf", tmp_path / "ckpt", thinker_config=thinker)
-    res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
-    assert_one_line_error(res, "Qwen2_5OmniForConditionalGeneration", "fullatt_block_indexes [0, 1] is not periodic")
-    assert not (tmp_path / "m.gguf").exists()
+    src = config_variant(folder / "hf", tmp_path / "ckpt", vision={"fullatt_block_indexes": [0, 1]},
+                         vision_section="thinker_config.vision_config")
+    assert_refused(src, tmp_path, "Qwen2_5OmniForConditionalGeneration", "fullatt_block_indexes [0, 1] is not periodic")
 
 
-def test_convert_and_verify_cli(folder, tmp_path):
-    out = tmp_path / "mmproj.gguf"
-    res = run_cli("convert", folder / "hf-hub", "-o", out, "--outtype", "bf16", "--json")  # Qwen2_5OmniModel
-    assert res.code == 0, res.stderr
-    assert json.loads(res.stdout)["projector_type"] == "qwen2.5o"
-    res = run_cli("verify", folder / "hf-hub", out, "--text", folder / "text.gguf", "--json")
-    data = json.loads(res.stdout)
-    assert res.code == 0 and data["passed"] and data["projector_type"] == "qwen2.5o", res.stdout
+def test_convert_and_verify_cli(folder, tmp_path):  # hf-hub: Qwen2_5OmniModel
+    cli_convert_and_verify(folder / "hf-hub", tmp_path, "bf16", text=folder / "text.gguf", projector="qwen2.5o")

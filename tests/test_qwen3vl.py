@@ -15,8 +15,8 @@ import gguf
 import numpy as np
 import pytest
 
-from conftest import (BARS, assert_fidelity, assert_one_line_error, assert_same_tensors, config_variant,
-                      families_fixtures, gguf_tensors, run_cli)
+from conftest import (BARS, assert_fidelity, assert_refused, assert_same_tensors, cli_check, cli_convert_and_verify,
+                      config_variant, families_fixtures, gguf_tensors, run_cli)
 from fixtures import qwen3vl
 from ggraft.gguf_io import gguf_file
 from ggraft.hf.checkpoint import Checkpoint
@@ -120,10 +120,7 @@ def test_tensors_and_keys(converted):
     ("qwen35", {"temporal_patch_size": 1}, "temporal_patch_size"),
 ])
 def test_inexpressible_config_is_refused(family, changes, needle, fixture_dirs, tmp_path):
-    src = config_variant(fixture_dirs[family] / "hf", tmp_path / "ckpt", vision=changes)
-    res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
-    assert_one_line_error(res, needle)
-    assert not (tmp_path / "m.gguf").exists()
+    assert_refused(config_variant(fixture_dirs[family] / "hf", tmp_path / "ckpt", vision=changes), tmp_path, needle)
 
 
 @pytest.mark.parametrize("family,name", [
@@ -133,21 +130,15 @@ def test_inexpressible_config_is_refused(family, changes, needle, fixture_dirs, 
 ])
 def test_unmappable_tensor_is_named(family, name, fixture_dirs, tmp_path):
     src = config_variant(fixture_dirs[family] / "hf", tmp_path / "ckpt", extra={name: np.zeros((4, 4), np.float32)})
-    res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
-    assert_one_line_error(res, name)
-    assert not (tmp_path / "m.gguf").exists()
+    assert_refused(src, tmp_path, name)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_check_and_audit_of_the_fixture_pair(family, fixture_dirs, converted):
-    res = run_cli("check", fixture_dirs[family] / "text.gguf", converted(family, "hf", "f16"), "--json")
-    data = json.loads(res.stdout)
-    assert res.code == 0 and data["ok"], res.stdout
-    found = {f["code"]: f for f in data["findings"]}
+    width = {"qwen3vl": 80 * 3, "qwen35": 64}[family]  # Qwen3-VL: the main embedding and 2 DeepStack features
+    _, found = cli_check(fixture_dirs[family] / "text.gguf", converted(family, "hf", "f16"), width)
     assert "'<|vision_start|>'" in found["boundary-tokens"]["message"]
     assert found["text-architecture"]["severity"] == "info" and found["width"]["severity"] == "info"
-    width = {"qwen3vl": 80 * 3, "qwen35": 64}[family]  # Qwen3-VL: the main embedding and 2 DeepStack features
-    assert data["mmproj"]["projection_width"] == data["text"]["embedding_length"] == width
     audit = json.loads(run_cli("audit", fixture_dirs[family] / "text.gguf", "--json").stdout)
     qwen = next(f for f in audit["families"] if f["family"] == "Qwen-VL")
     assert qwen["found"] == 4
@@ -156,10 +147,5 @@ def test_check_and_audit_of_the_fixture_pair(family, fixture_dirs, converted):
 
 def test_convert_and_verify_cli(fixture_dirs, tmp_path):
     folder = fixture_dirs["qwen3vl"]
-    out = tmp_path / "mmproj.gguf"
-    res = run_cli("convert", folder / "hf-bare", "-o", out, "--outtype", "bf16", "--json")
-    assert res.code == 0, res.stderr
-    assert json.loads(res.stdout)["projector_type"] == "qwen3vl_merger"
-    res = run_cli("verify", folder / "hf-bare", out, "--text", folder / "text.gguf", "--json")
-    data = json.loads(res.stdout)
-    assert res.code == 0 and data["passed"] and data["image_size"] == [112, 84], res.stdout
+    cli_convert_and_verify(folder / "hf-bare", tmp_path, "bf16", text=folder / "text.gguf", projector="qwen3vl_merger",
+                           image_size=(112, 84))

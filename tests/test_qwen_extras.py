@@ -8,13 +8,12 @@ the position grid is resampled for (at f32).
 from __future__ import annotations
 
 import json
-import shutil
 
 import gguf
 import pytest
 
-from conftest import (BARS, assert_fidelity, assert_one_line_error, assert_same_tensors,
-                      families_fixtures, gguf_tensors, run_cli)
+from conftest import (BARS, assert_fidelity, assert_refused, assert_same_tensors, cli_check, cli_convert_and_verify,
+                      config_variant, families_fixtures, gguf_tensors, run_cli)
 from fixtures import qwen_extras
 from ggraft.gguf_io import gguf_file
 from ggraft.jobs.verify import verify
@@ -71,37 +70,23 @@ def test_tensors_and_keys(converted):
     assert not any(n.startswith("v.deepstack.") for n in t) and tuple(t["v.blk.1.attn_qkv.weight"].shape) == (32, 96)
 
 
-def _with_vision_config(src, dst, nested, **changes):
-    """config_variant's ``vision``, but for a vision_config that may sit under thinker_config (``nested``)."""
-    shutil.copytree(src, dst)
-    cfg = json.loads((dst / "config.json").read_text())
-    (cfg["thinker_config"] if nested else cfg)["vision_config"].update(changes)
-    (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
-
-
 @pytest.mark.parametrize("family,layout,changes,needle", [
     ("qwen3omni", "hf", {"deepstack_visual_indexes": [0, 5]}, "deepstack_visual_indexes [0, 5]"),
     ("qwen3omni", "hf-thinker", {"spatial_merge_size": 3}, "2x2 patches only"),
     ("qwen4exp", "hf", {"rope_parameters": {"rope_type": "axial", "rope_theta": 5000.0}}, "rope_theta 5000"),
 ])
 def test_inexpressible_config_is_refused(family, layout, changes, needle, fixture_dirs, tmp_path):
-    src = _with_vision_config(fixture_dirs[family] / layout, tmp_path / "ckpt", layout == "hf" and family == "qwen3omni",
-                              **changes)
-    res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
-    assert_one_line_error(res, needle)
-    assert not (tmp_path / "m.gguf").exists()
+    nested = layout == "hf" and family == "qwen3omni"  # Qwen3-Omni's vision_config sits under thinker_config
+    src = config_variant(fixture_dirs[family] / layout, tmp_path / "ckpt", vision=changes,
+                         vision_section="thinker_config.vision_config" if nested else "vision_config")
+    assert_refused(src, tmp_path, needle)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_check_and_audit_of_the_fixture_pair(family, fixture_dirs, converted):
-    res = run_cli("check", fixture_dirs[family] / "text.gguf", converted(family, "hf", "f16"), "--json")
-    data = json.loads(res.stdout)
-    assert res.code == 0 and data["ok"], res.stdout
-    found = {f["code"]: f for f in data["findings"]}
-    assert "'<|vision_start|>'" in found["boundary-tokens"]["message"]
     width = {"qwen4exp": 48, "qwen3omni": 80 * 3}[family]  # Qwen3-Omni: the main embedding and 2 DeepStack features
-    assert data["mmproj"]["projection_width"] == data["text"]["embedding_length"] == width
+    _, found = cli_check(fixture_dirs[family] / "text.gguf", converted(family, "hf", "f16"), width)
+    assert "'<|vision_start|>'" in found["boundary-tokens"]["message"]
     audit = json.loads(run_cli("audit", fixture_dirs[family] / "text.gguf", "--json").stdout)
     qwen = next(f for f in audit["families"] if f["family"] == "Qwen-VL")
     assert qwen["found"] == 4
@@ -110,10 +95,5 @@ def test_check_and_audit_of_the_fixture_pair(family, fixture_dirs, converted):
 
 def test_convert_and_verify_cli(fixture_dirs, tmp_path):
     folder = fixture_dirs["qwen3omni"]
-    out = tmp_path / "mmproj.gguf"
-    res = run_cli("convert", folder / "hf-hub", "-o", out, "--outtype", "bf16", "--json")
-    assert res.code == 0, res.stderr
-    assert json.loads(res.stdout)["projector_type"] == "qwen3vl_merger"
-    res = run_cli("verify", folder / "hf-hub", out, "--text", folder / "text.gguf", "--json")
-    data = json.loads(res.stdout)
-    assert res.code == 0 and data["passed"] and data["image_size"] == [112, 84], res.stdout
+    cli_convert_and_verify(folder / "hf-hub", tmp_path, "bf16", text=folder / "text.gguf", projector="qwen3vl_merger",
+                           image_size=(112, 84))

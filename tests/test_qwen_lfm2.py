@@ -11,14 +11,12 @@ compared on a one-window image and on a four-window image with partial windows.
 """
 from __future__ import annotations
 
-import json
-
 import gguf
 import numpy as np
 import pytest
 
-from conftest import (BARS, assert_fidelity, assert_one_line_error, assert_same_tensors, config_variant,
-                      families_fixtures, gguf_tensors, run_cli)
+from conftest import (BARS, assert_fidelity, assert_refused, assert_same_tensors, cli_convert_and_verify,
+                      config_variant, families_fixtures, gguf_tensors, window_attention_cosines)
 from fixtures import lfm2vl, qwen2vl
 from ggraft.gguf_io import gguf_file
 from ggraft.mmproj import writer as mmproj
@@ -90,27 +88,12 @@ def test_lfm2_tensors_and_keys(converted):
 def test_multi_window_image_exercises_the_windows(fixture_dirs):
     """transformers' own output on the four-window image changes when every block attends fully,
     and does not on the one-window image: the two images test window attention and its absence."""
-    import torch
+    def attend_fully(model):
+        model.model.visual.fullatt_block_indexes = list(range(len(model.model.visual.blocks)))
 
-    from ggraft.jobs.verify import load_reference_model, pixel_values, test_image
-
-    ckpt = Checkpoint(fixture_dirs["qwen25vl"] / "hf")
-    conv, model = converter_for(ckpt), load_reference_model(ckpt)
-    visual = model.model.visual
-
-    def cosines(size):
-        pv = pixel_values(test_image(*size), conv.params().image_mean, conv.params().image_std)
-        with torch.no_grad():
-            windowed = conv.reference_features(model, pv).pooler_output[0]
-            visual.fullatt_block_indexes = list(range(len(visual.blocks)))
-            try:
-                full = conv.reference_features(model, pv).pooler_output[0]
-            finally:
-                visual.fullatt_block_indexes = [1, 3]
-        return torch.nn.functional.cosine_similarity(windowed, full, dim=-1)
-
-    assert cosines(ONE_WINDOW).min() > 0.999999
-    assert cosines(FOUR_WINDOWS).min() < 0.99
+    one, four = window_attention_cosines(fixture_dirs["qwen25vl"] / "hf", attend_fully, [ONE_WINDOW, FOUR_WINDOWS])
+    assert one.min() > 0.999999
+    assert four.min() < 0.99
 
 
 @pytest.mark.parametrize("depth,full,pattern", [
@@ -146,26 +129,16 @@ def test_window_size_llama_cpp_ignores_is_named(tmp_path):
     ("lfm2vl", {"hidden_act": "relu"}, "'relu'"),
 ])
 def test_inexpressible_config_is_refused(family, changes, needle, fixture_dirs, tmp_path):
-    src = config_variant(fixture_dirs[family] / "hf", tmp_path / "ckpt", vision=changes)
-    res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
-    assert_one_line_error(res, needle)
-    assert not (tmp_path / "m.gguf").exists()
+    assert_refused(config_variant(fixture_dirs[family] / "hf", tmp_path / "ckpt", vision=changes), tmp_path, needle)
 
 
 def test_unmappable_tensor_is_named(fixture_dirs, tmp_path):
     src = config_variant(fixture_dirs["qwen25vl"] / "hf", tmp_path / "ckpt",
                          extra={"visual.blocks.0.attn.rel_pos.weight": np.zeros((4, 4), np.float32)})
-    res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
-    assert_one_line_error(res, "visual.blocks.0.attn.rel_pos.weight")
-    assert not (tmp_path / "m.gguf").exists()
+    assert_refused(src, tmp_path, "visual.blocks.0.attn.rel_pos.weight")
 
 
 def test_convert_and_verify_cli(fixture_dirs, tmp_path):
     folder = fixture_dirs["qwen25vl"]
-    out = tmp_path / "mmproj.gguf"
-    res = run_cli("convert", folder / "hf-modules", "-o", out, "--outtype", "q8_0", "--json")
-    assert res.code == 0, res.stderr
-    assert json.loads(res.stdout)["projector_type"] == "qwen2.5vl_merger"
-    res = run_cli("verify", folder / "hf-modules", out, "--text", folder / "vocab.gguf", "--json")
-    data = json.loads(res.stdout)
-    assert res.code == 0 and data["passed"] and data["image_size"] == list(FOUR_WINDOWS), res.stdout
+    cli_convert_and_verify(folder / "hf-modules", tmp_path, "q8_0", text=folder / "vocab.gguf",
+                           projector="qwen2.5vl_merger", image_size=FOUR_WINDOWS)

@@ -14,15 +14,15 @@ run the runtime's way clears the bar.
 """
 from __future__ import annotations
 
-import ctypes
 import json
 
 import gguf
 import numpy as np
 import pytest
 
-from conftest import (BARS, assert_fidelity, assert_one_line_error, assert_same_tensors, config_variant,
-                      family_fixtures, gguf_tensors, run_cli)
+from conftest import (BARS, assert_audit_finds, assert_fidelity, assert_one_line_error, assert_refused,
+                      assert_same_tensors, cli_convert_and_verify, config_variant, family_fixtures, gguf_tensors,
+                      llama_chunks, run_cli)
 from fixtures import step3vl
 from ggraft.converters.step3vl import Step3VL, Step3VL10B
 from ggraft.gguf_io import gguf_file
@@ -88,39 +88,12 @@ def test_layouts_write_identical_files(layout, converted):
     assert_same_tensors(converted("hf", "f32"), converted(layout, "f32"), ordered=True)
 
 
-def llama_chunks(mmproj, text, rgb: np.ndarray, n_embd: int) -> list:
-    """Every chunk llama.cpp makes of one image, in order: a text token's piece, or an image chunk's
-    embeddings (tokens, n_embd)."""
-    from ggraft.pair import engine
-
-    pieces = [str(p) for p in gguf.GGUFReader(text).get_field("tokenizer.ggml.tokens").contents()]
-    model, out = engine.load_text_model(text), []
-    try:
-        with engine.VisionEncoder(mmproj, model) as enc:
-            m = enc._mtmd
-            buf = (ctypes.c_uint8 * rgb.size).from_buffer_copy(np.ascontiguousarray(rgb).tobytes())
-            bitmap, chunks = m.mtmd_bitmap_init(rgb.shape[1], rgb.shape[0], buf), m.mtmd_input_chunks_init()
-            try:
-                part = m.mtmd_input_part(text=None, bitmap=bitmap)
-                parts = (ctypes.POINTER(m.mtmd_input_part) * 1)(ctypes.pointer(part))
-                assert m.mtmd_tokenize_from_parts(enc.ctx, chunks, parts, 1, False) == 0
-                for i in range(m.mtmd_input_chunks_size(chunks)):
-                    chunk = m.mtmd_input_chunks_get(chunks, i)
-                    if m.mtmd_input_chunk_get_type(chunk) == m.MTMD_INPUT_CHUNK_TYPE_IMAGE:
-                        assert m.mtmd_encode_chunk(enc.ctx, chunk) == 0
-                        n = m.mtmd_input_chunk_get_n_tokens(chunk)
-                        embd = m.mtmd_get_output_embd(enc.ctx)
-                        out.append(np.ctypeslib.as_array(embd, shape=(n * n_embd,)).reshape(n, n_embd).copy())
-                    else:
-                        n = ctypes.c_size_t()
-                        tokens = m.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
-                        out += [pieces[tokens[j]] for j in range(n.value)]
-            finally:
-                m.mtmd_input_chunks_free(chunks)
-                m.mtmd_bitmap_free(bitmap)
-    finally:
-        engine.free_text_model(model)
-    return out
+def flat_chunks(mmproj, text, rgb: np.ndarray, n_embd: int) -> list:
+    """Every chunk llama.cpp makes of one image, in order: a text token's piece (from the GGUF vocabulary),
+    or an image chunk's embeddings (tokens, n_embd)."""
+    vocab = [str(p) for p in gguf.GGUFReader(text).get_field("tokenizer.ggml.tokens").contents()]
+    return [x for kind, c in llama_chunks(mmproj, text, rgb, n_embd)
+            for x in ([c] if kind == "image" else [vocab[t] for t in c])]
 
 
 def judged(llama, reference, runtime, bar, defect, conv) -> float:
@@ -144,7 +117,7 @@ def test_whole_tiled_image(folder, converted):
     from transformers.models.step3p7.processing_step3p7 import Step3p7Processor
 
     img = make_image(1008, 1008, seed=3)
-    got = llama_chunks(converted("hf", "f32"), folder / "text.gguf", img, 96)
+    got = flat_chunks(converted("hf", "f32"), folder / "text.gguf", img, 96)
     conv = converter_for(Checkpoint(folder / "hf"))
     p = conv.params()
     planner = SimpleNamespace(max_image_size=3024, _is_extreme_aspect=Processor._is_extreme_aspect)
@@ -184,18 +157,12 @@ def test_whole_tiled_image(folder, converted):
     (dict(preprocessor={"patch_size": 448}), "patch_size 448"),
 ])
 def test_inexpressible_config_is_refused(changes, needle, folder, tmp_path):
-    src = config_variant(folder / "hf", tmp_path / "ckpt", **changes)
-    res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
-    assert_one_line_error(res, needle)
-    assert not (tmp_path / "m.gguf").exists()
+    assert_refused(config_variant(folder / "hf", tmp_path / "ckpt", **changes), tmp_path, needle)
 
 
 def test_unmappable_tensor_is_named(folder, tmp_path):
     extra = {"vit_large_projector.bias": np.zeros(96, np.float32)}  # llama.cpp's projector has no bias
-    src = config_variant(folder / "hf", tmp_path / "ckpt", extra=extra)
-    res = run_cli("convert", src, "-o", tmp_path / "m.gguf")
-    assert_one_line_error(res, "vit_large_projector.bias")
-    assert not (tmp_path / "m.gguf").exists()
+    assert_refused(config_variant(folder / "hf", tmp_path / "ckpt", extra=extra), tmp_path, "vit_large_projector.bias")
 
 
 def test_step3_vl_10b_config_writes_the_same_file(folder, converted, tmp_path):
@@ -227,18 +194,9 @@ def test_check_finds_boundary_tokens_and_warns_of_the_defects(folder, converted)
 
 
 def test_audit_finds_step3vl_tokens(folder):
-    for source in (folder / "text.gguf", folder / "hf"):
-        data = json.loads(run_cli("audit", source, "--json").stdout)
-        family = next(f for f in data["families"] if f["family"] == "Step3-VL")
-        assert family["found"] == family["expected"] == 6
-        assert any("Step3p7ForConditionalGeneration" in d for d in data["donors"]["Step3-VL"])
+    assert_audit_finds(folder, "Step3-VL", 6, "Step3p7ForConditionalGeneration")
 
 
 def test_convert_and_verify_cli(folder, tmp_path):
-    out = tmp_path / "mmproj.gguf"
-    res = run_cli("convert", folder / "hf-hub", "-o", out, "--outtype", "bf16", "--json")
-    assert res.code == 0, res.stderr
-    res = run_cli("verify", folder / "hf-hub", out, "--text", folder / "text.gguf", "--json")
-    data = json.loads(res.stdout)
-    assert res.code == 0 and data["passed"] and data["projector_type"] == "step3vl", res.stderr
-    assert data["result"]["tokens"] == OVERVIEW_TOKENS and data["result"]["min_cosine"] >= BARS["bf16"]
+    cli_convert_and_verify(folder / "hf-hub", tmp_path, "bf16", text=folder / "text.gguf", projector="step3vl",
+                           tokens=OVERVIEW_TOKENS)
