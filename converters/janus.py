@@ -36,7 +36,7 @@ import re
 import gguf
 
 from ggraft.mmproj.converter import Converter, VisionParams, preprocessing, register
-from ggraft.mmproj.facts import Convention
+from ggraft.mmproj.facts import Convention, RuntimeDefect
 
 from ._image_norms import CLIP_MEAN, CLIP_STD, GELU_ACTS
 
@@ -64,6 +64,10 @@ class Janus(Converter):
     family = "Janus-Pro"
     image_tokens = ("<begin_of_image>", "<image_placeholder>", "<end_of_image>")
     convention = Convention("Janus-Pro", image_tokens)
+    runtime_defects = (RuntimeDefect(
+        "janus_pro", "mtmd puts no <begin_of_image>/<end_of_image> around a janus_pro image, where transformers' "
+        "JanusProcessor writes them: the model reads its image without the markers it was trained with", "tools/mtmd/mtmd.cpp:639 (no img_beg/img_end for "
+        "PROJECTOR_TYPE_JANUS_PRO)", seen_up_to="0.3.36", affects="prompt"),)
     vision_prefixes = (TOWER, ALIGNER)
     layout_aliases = (("vision_model.", TOWER), ("aligner.", ALIGNER))  # the bare JanusModel
 

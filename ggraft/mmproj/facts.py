@@ -40,6 +40,8 @@ class RuntimeDefect:
     #: (it spells them otherwise): ``check`` reports them missing as this defect (a warning: the pair runs),
     #: not as a text model of another family (an error)
     boundary_tokens: tuple[str, ...] = ()
+    #: what departs: the image embeddings, or the prompt around them (the markers mtmd puts or omits)
+    affects: str = "embeddings"
 
     def applies(self, projector: str | None, has_tensor: Callable[[str], bool], value: Callable[[str], Any],
                 installed: str) -> bool:

@@ -158,7 +158,9 @@ def _runtime_defects(p: CheckedPair) -> None:
             continue  # boundary_tokens_present reports it, where the text vocab lacks those tokens
         p.report.add("runtime-defect", WARNING, f"known llama.cpp defect for {d.projector!r} in llama-cpp-python "
                      f"{installed}: {d.summary} ({d.reference})",
-                     "the pair runs, but its image embeddings differ from transformers'; see `ggraft verify`")
+                     "the pair runs, but its image embeddings differ from transformers'; see `ggraft verify`"
+                     if d.affects == "embeddings" else
+                     "the pair runs, but the prompt around its images differs from what the model was trained on")
 
 
 CHECKS: tuple[Callable[[CheckedPair], None], ...] = (
