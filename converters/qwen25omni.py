@@ -35,11 +35,6 @@ THINKER = "Qwen2_5OmniThinkerForConditionalGeneration"
 BOUNDARY_DEFECT = "mtmd.cpp:695-702"
 
 
-def _thinker(config: dict) -> dict:
-    """The thinker's config of a Qwen2.5-Omni config (the full model nests it; the thinker is it)."""
-    return config.get("thinker_config") or config
-
-
 @register
 class Qwen25Omni(Qwen25VL):
     architectures = ("Qwen2_5OmniForConditionalGeneration", "Qwen2_5OmniModel", THINKER, "Qwen2_5OmniThinkerModel")
@@ -58,16 +53,6 @@ class Qwen25Omni(Qwen25VL):
         "<|vision_eos|>: each is tokenized as plain text the model never saw around an image",
         "ggraft README, Known llama.cpp deviations", seen_up_to="0.3.36",
         boundary_tokens=("<|vision_start|>", "<|vision_end|>")),)
-
-    def __init__(self, ckpt, recipient=None):
-        super().__init__(ckpt, recipient)
-        thinker = _thinker(ckpt.config)
-        self.vision_config = thinker.get("vision_config") or {}
-        self.text_config = thinker.get("text_config") or {}
-
-    @classmethod
-    def refuses(cls, config):
-        return super().refuses(_thinker(config))
 
     @property
     def runtime_note(self):

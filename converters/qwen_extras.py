@@ -35,11 +35,6 @@ class Qwen4Exp(Qwen35):
     family = "Qwen4-Exp"
 
 
-def _thinker(config: dict) -> dict:
-    """The thinker's config of a Qwen3-Omni config (the full model nests it; the thinker is it)."""
-    return config.get("thinker_config") or config
-
-
 @register
 class Qwen3Omni(Qwen3VL):
     """Qwen3-Omni's vision tower: Qwen3-VL's, DeepStack included, inside the thinker."""
@@ -48,16 +43,6 @@ class Qwen3Omni(Qwen3VL):
     family = "Qwen3-Omni (vision)"
     layout_aliases = (("thinker.model.visual.", "visual."), ("thinker.visual.", "visual."),
                       ("model.visual.", "visual."))
-
-    def __init__(self, ckpt, recipient=None):
-        super().__init__(ckpt, recipient)
-        thinker = _thinker(ckpt.config)
-        self.vision_config = thinker.get("vision_config") or {}
-        self.text_config = thinker.get("text_config") or {}
-
-    @classmethod
-    def refuses(cls, config):
-        return super().refuses(_thinker(config))
 
     def rename(self, canonical):
         if canonical.startswith(("visual.merger.", "visual.merger_list.")):

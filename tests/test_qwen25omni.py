@@ -150,8 +150,10 @@ def test_audit_finds_omni_tokens(folder):
 def test_inexpressible_config_is_refused(changes, needle, folder):
     from ggraft.converters.qwen25omni import Qwen25Omni
 
+    from ggraft.hf.checkpoint import vision_language_config
+
     nested = changed_config(folder / "hf", changes, vision_section="thinker_config.vision_config")
-    assert needle in Qwen25Omni.refuses(nested)
+    assert needle in Qwen25Omni.refuses(vision_language_config(nested))  # as converter_for passes it
     assert needle in Qwen25Omni.refuses(changed_config(folder / "hf-thinker", changes))
 
 

@@ -47,6 +47,13 @@ def read_json_object(path: Path, what: str, block_limit=None) -> ConfigSection:
     return ConfigSection(data, path, block_limit=block_limit)
 
 
+def vision_language_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The config of the part that reads images: an omni model (Qwen2.5-Omni, Qwen3-Omni) nests its
+    thinker's ``vision_config``, ``text_config`` and image token under ``thinker_config``; any other
+    model's is the config itself."""
+    return config.get("thinker_config") or config
+
+
 class Checkpoint:
     """A Hugging Face model directory.
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ggraft.errors import InputError
-from ggraft.hf.checkpoint import Checkpoint, read_json
+from ggraft.hf.checkpoint import Checkpoint, read_json, vision_language_config
 
 #: default --fraction: DPVR's LLaVA-1.5 share falls from 0.68 to 0.07 by layer 4 (about 0.1 of the
 #: first layer) and to 0.04 after; a quarter marks the end of that fall, not noise in the tail
@@ -54,13 +54,8 @@ def load_model(ckpt: Checkpoint):
     return load_reference_model(ckpt, converter_for(ckpt).reference_class(), attn_implementation="eager")
 
 
-def language_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The config of the part that reads the image: an omni model's thinker, else the model's."""
-    return config.get("thinker_config") or config
-
-
 def image_token_id(config: dict[str, Any]) -> int:
-    config = language_config(config)
+    config = vision_language_config(config)
     for key in ("image_token_id", "image_token_index"):
         if isinstance(config.get(key), int):
             return config[key]
@@ -208,7 +203,7 @@ def build_inputs(ckpt: Checkpoint, image: Path, prompt: str, model) -> dict[str,
 
 
 def bos_id(ckpt: Checkpoint) -> int | None:
-    config = language_config(ckpt.config)
+    config = vision_language_config(ckpt.config)
     bos = (config.get("text_config") or {}).get("bos_token_id", config.get("bos_token_id"))
     return bos if isinstance(bos, int) else None
 
@@ -305,7 +300,7 @@ def probe(hf_dir: str | Path, image: str | Path, prompt: str = DEFAULT_PROMPT,
     result = forward(language_model(model), inputs, ckpt.architecture)
     if not result.attentions:
         raise InputError(f"{ckpt.architecture}: transformers returned no attention weights")
-    text_config = language_config(ckpt.config).get("text_config") or ckpt.config
+    text_config = vision_language_config(ckpt.config).get("text_config") or ckpt.config
     attentions = per_layer(list(result.attentions), len(result.hidden_states) - 1,  # NemotronH: layers_block_type
                            text_config.get("layer_types") or text_config.get("layers_block_type"))
     numbers = measure(inputs["input_ids"], attentions, result.hidden_states, image_token_id(ckpt.config), fraction)

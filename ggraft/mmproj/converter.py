@@ -21,7 +21,7 @@ import gguf
 import numpy as np
 from gguf.lazy import LazyNumpyTensor
 
-from ggraft.hf.checkpoint import Checkpoint
+from ggraft.hf.checkpoint import Checkpoint, vision_language_config
 from ggraft.errors import InputError, UnsupportedModelError
 from .facts import Convention, RuntimeDefect
 
@@ -88,8 +88,9 @@ class Converter:
     def __init__(self, ckpt: Checkpoint, recipient: Recipient | None = None):
         self.ckpt = ckpt
         self.config = ckpt.config
-        self.vision_config: dict[str, Any] = ckpt.config.get("vision_config") or {}
-        self.text_config: dict[str, Any] = ckpt.config.get("text_config") or {}
+        section = vision_language_config(ckpt.config)  # an omni model's thinker
+        self.vision_config: dict[str, Any] = section.get("vision_config") or {}
+        self.text_config: dict[str, Any] = section.get("text_config") or {}
         self.recipient = recipient
 
     def __init_subclass__(cls, **kwargs):
@@ -110,7 +111,8 @@ class Converter:
     # -- what a family provides --------------------------------------------------------
     @classmethod
     def refuses(cls, config: dict[str, Any]) -> str | None:
-        """Why this converter cannot take a checkpoint of one of its architectures (None: it can)."""
+        """Why this converter cannot take a checkpoint of one of its architectures (None: it can);
+        ``config`` is ``vision_language_config`` of the checkpoint's (an omni model's thinker's)."""
         return None
 
     @classmethod
@@ -259,10 +261,11 @@ def converter_for(ckpt: Checkpoint) -> Converter:
     arch = ckpt.architecture
     reasons = []
     for cls in registry.get(arch, []):
-        reason = cls.refuses(ckpt.config)
+        config = vision_language_config(ckpt.config)
+        reason = cls.refuses(config)
         if reason is None:
             return cls(ckpt)
-        reasons.append((not cls.claims(ckpt.config), reason))
+        reasons.append((not cls.claims(config), reason))
     if reasons:
         raise UnsupportedModelError(f"{ckpt.path}: {arch}: {sorted(reasons, key=lambda r: r[0])[0][1]}")
     supported = ", ".join(sorted(registry))
