@@ -156,7 +156,7 @@ def main() -> None:
     print(f"mmproj {mmproj.stat().st_size / 2**30:.2f} GiB (pixtral)")
 
     cold = subprocess.run([sys.executable, "-c", (
-        "import time,sys; t=time.perf_counter(); from ggraft.check import check_pair; t1=time.perf_counter(); "
+        "import time,sys; t=time.perf_counter(); from ggraft.pair.check import check_pair; t1=time.perf_counter(); "
         f"r=check_pair({str(text)!r},{str(mmproj)!r}); t2=time.perf_counter(); "
         "print(f'{t1-t:.3f} {t2-t1:.3f} {r.ok}')")], capture_output=True, text=True, cwd=ROOT, check=True)
     imports, first, ok = cold.stdout.split()
