@@ -179,7 +179,11 @@ def build_inputs(ckpt: Checkpoint, image: Path, prompt: str, model) -> dict[str,
     images = conv.model_inputs(pv)
     with torch.no_grad():  # the tower alone, to count the features the forward scatters: a fraction of it
         lm = language_model(model)
-        features = getattr(lm, "get_image_features", None) or lm.model.get_image_features  # dots3-note: on .model
+        features = getattr(lm, "get_image_features", None) or getattr(getattr(lm, "model", None),
+                                                                      "get_image_features", None)  # dots3-note
+        if features is None:
+            raise InputError(f"{ckpt.architecture}: transformers' model has no get_image_features to count "
+                             "the image's features")
         n_image = as_rows(features(**images)).shape[0]
     tok = Tokenizer(ckpt)
     template = chat_template(ckpt)
@@ -300,7 +304,8 @@ def probe(hf_dir: str | Path, image: str | Path, prompt: str = DEFAULT_PROMPT,
     result = forward(language_model(model), inputs, ckpt.architecture)
     if not result.attentions:
         raise InputError(f"{ckpt.architecture}: transformers returned no attention weights")
-    text_config = vision_language_config(ckpt.config).get("text_config") or ckpt.config
+    section = vision_language_config(ckpt.config)
+    text_config = section.get("text_config") or section
     attentions = per_layer(list(result.attentions), len(result.hidden_states) - 1,  # NemotronH: layers_block_type
                            text_config.get("layer_types") or text_config.get("layers_block_type"))
     numbers = measure(inputs["input_ids"], attentions, result.hidden_states, image_token_id(ckpt.config), fraction)
@@ -314,7 +319,10 @@ def forward(model, inputs: dict[str, Any], architecture: str):
     import torch
 
     ran = []
-    text_model = model.get_decoder() if hasattr(model, "get_decoder") else None
+    try:
+        text_model = model.get_decoder()
+    except Exception:  # noqa: BLE001 -- a model without one: no fallback, the forward decides
+        text_model = None
     hook = text_model.register_forward_hook(lambda _m, _a, out: ran.append(out)) \
         if isinstance(text_model, torch.nn.Module) else None
     try:
