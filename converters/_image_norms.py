@@ -14,3 +14,6 @@ IMAGENET_MEAN = [0.485, 0.456, 0.406]  # torchvision's ImageNet normalization (I
 IMAGENET_STD = [0.229, 0.224, 0.225]
 #: activations llama.cpp computes as GELU: ggml's GELU is the tanh form, which these all are or approximate
 GELU_ACTS = ("gelu_pytorch_tanh", "gelu_new", "gelu")
+#: the VisionParams flags for each tower activation llama.cpp's generic ViT graph runs (GELU's tanh form,
+#: SiLU, or GELU-quick when no flag is set); an activation not here has no llama.cpp equivalent
+ACTIVATIONS = {**{act: {"use_gelu": True} for act in GELU_ACTS}, "silu": {"use_silu": True}, "quick_gelu": {}}

@@ -27,11 +27,10 @@ import gguf
 
 from ggraft.mmproj.converter import VisionParams, preprocessing, register
 from ggraft.mmproj.facts import Convention
-from ._image_norms import CLIP_MEAN, CLIP_STD, GELU_ACTS
+from ._image_norms import ACTIVATIONS, CLIP_MEAN, CLIP_STD
 from .qwen2vl import LLAMA_MERGE, LLAMA_ROPE_THETA, PATCH, Qwen2VL
 
 #: what llama.cpp's graph computes for the vision hidden_act (clip.cpp: use_gelu / use_silu)
-ACTIVATIONS = {**{act: {"use_gelu": True} for act in GELU_ACTS}, "silu": {"use_silu": True}, "quick_gelu": {}}
 #: transformers' Glm4vVisionConfig defaults (Glm4vMoeVisionConfig's are the same)
 DEFAULTS = dict(depth=24, hidden_size=1536, hidden_act="silu", num_heads=12, in_channels=3, image_size=336,
                 patch_size=14, rms_norm_eps=1e-5, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=4096,

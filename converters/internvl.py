@@ -32,7 +32,7 @@ from ggraft.errors import InputError, UnsupportedModelError
 from ggraft.mmproj.converter import Converter, VisionParams, preprocessing, register
 from ggraft.mmproj.facts import Convention
 
-from ._image_norms import GELU_ACTS, IMAGENET_MEAN, IMAGENET_STD
+from ._image_norms import ACTIVATIONS, GELU_ACTS, IMAGENET_MEAN, IMAGENET_STD
 
 TOWER, ORIGINAL_TOWER, PROJECTOR = "model.vision_tower.", "vision_tower.vision_model.", "mlp1."
 T, K = gguf.MODEL_TENSOR, gguf.Keys.ClipVision
@@ -44,7 +44,6 @@ QKV_SPLIT = re.compile(gguf.TENSOR_NAMES[T.V_ENC_ATTN_QKV].replace(".", r"\.").f
 MLP = re.compile(r"mlp1\.(?P<index>[013])\.(?P<kind>weight|bias)")  # gguf-py maps mlp1.{bid} only below block_count
 BLOCK = re.compile(r"\.layers?\.(\d+)\.")
 RMS_SHAPE = (3200, 45)  # (width, blocks) of the 6B InternViT, the one shape llama.cpp runs with RMS norm
-ACTIVATIONS = {**{a: {"use_gelu": True} for a in GELU_ACTS}, "silu": {"use_silu": True}, "quick_gelu": {}}
 
 
 @register

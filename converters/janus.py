@@ -38,14 +38,13 @@ import gguf
 from ggraft.mmproj.converter import Converter, VisionParams, preprocessing, register
 from ggraft.mmproj.facts import Convention, RuntimeDefect
 
-from ._image_norms import CLIP_MEAN, CLIP_STD, GELU_ACTS
+from ._image_norms import ACTIVATIONS, CLIP_MEAN, CLIP_STD
 
 TOWER, ALIGNER = "model.vision_model.", "model.aligner."
 MM = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.V_MMPROJ]
 ALIGNER_LAYERS = {"fc1": 0, "hidden_layers.0": 1}  # -> mm.0, mm.1: llama.cpp's janus_pro aligner
 ALIGNER_LAYER = re.compile(re.escape(ALIGNER) + r"(?P<layer>fc1|hidden_layers\.0)\.(?P<kind>weight|bias)")
 #: what llama.cpp computes for transformers' hidden_act (clip.cpp: use_gelu / use_silu, else GELU-quick)
-ACTIVATIONS = {**{a: {"use_gelu": True} for a in GELU_ACTS}, "silu": {"use_silu": True}, "quick_gelu": {}}
 #: transformers' JanusVisionConfig defaults
 DEFAULTS = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, patch_size=16, image_size=384,
                 layer_norm_eps=1e-6, hidden_act="gelu", mlp_ratio=4.0, projection_dim=2048, depth=2, use_qk_norm=False)

@@ -32,7 +32,7 @@ import gguf
 
 from ggraft.mmproj.converter import Converter, VisionParams, preprocessing, register
 from ggraft.mmproj.facts import Convention
-from ._image_norms import GELU_ACTS, SIGLIP_MEAN, SIGLIP_STD
+from ._image_norms import ACTIVATIONS, SIGLIP_MEAN, SIGLIP_STD
 
 T = gguf.MODEL_TENSOR
 EPS = 1e-5  # transformers' MoonViT norms (fixed) and the projector's default projection_layer_norm_eps
@@ -42,7 +42,6 @@ DEFAULTS = dict(patch_size=14, pos_emb_height=64, pos_emb_width=64, num_attentio
                 hidden_size=1152, intermediate_size=4304, hidden_act="gelu_pytorch_tanh", merge_kernel_size=[2, 2])
 TEXT_HIDDEN = 7168
 MAX_PATCHES = 16384  # Kimi_K25ImageProcessor.max_patches
-ACTIVATIONS = {**{act: {"use_gelu": True} for act in GELU_ACTS}, "silu": {"use_silu": True}, "quick_gelu": {}}
 #: transformers' module names -> the hub's (transformers' conversion_mapping for kimi_k25, reversed)
 MODULES = (
     (r"model\.vision_tower\.layers\.(\d+)\.norm1\.", r"vision_tower.encoder.blocks.\1.norm0."),

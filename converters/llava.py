@@ -32,7 +32,7 @@ import numpy as np
 from ggraft.mmproj.converter import Converter, VisionParams, in_memory, preprocessing, register
 from ggraft.mmproj.facts import Convention, RuntimeDefect
 from ggraft.errors import UnsupportedModelError
-from ._image_norms import CLIP_MEAN, CLIP_STD, GELU_ACTS
+from ._image_norms import ACTIVATIONS, CLIP_MEAN, CLIP_STD, GELU_ACTS
 
 FEATURE_LAYER_KEY = "clip.vision.feature_layer"  # clip-impl.h KEY_FEATURE_LAYERS; not in gguf-py 0.19
 _BLOCK = re.compile(r"\.layers\.(\d+)\.")
@@ -44,7 +44,6 @@ TOWERS = {
                                 image_size=224, patch_size=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
 }
 STRATEGY = {"clip_vision_model": "default", "siglip_vision_model": "full"}  # what llama.cpp's graph runs
-ACTIVATIONS = {**{act: {"use_gelu": True} for act in GELU_ACTS}, "silu": {"use_silu": True}, "quick_gelu": {}}
 
 
 @register

@@ -37,7 +37,7 @@ from ggraft.errors import UnsupportedModelError
 from ggraft.mmproj.converter import Converter, VisionParams, preprocessing, register
 from ggraft.mmproj.facts import Convention, RuntimeDefect
 
-from ._image_norms import GELU_ACTS, SIGLIP_MEAN, SIGLIP_STD
+from ._image_norms import ACTIVATIONS, SIGLIP_MEAN, SIGLIP_STD
 
 T, NAMES, K = gguf.MODEL_TENSOR, gguf.TENSOR_NAMES, gguf.Keys.ClipVision
 TOWER, MERGER = "vision_tower.vision_model.", "merger.mlp.0."  # TensorNameMap's SigLIP names; the final merger
@@ -54,7 +54,6 @@ SWAPPED = {"up": T.V_ENC_FFN_DOWN, "down": T.V_ENC_FFN_UP}
 LLAMA_GRID = 70  # clip.cpp's position grid side for minicpmv4_6
 EPS = 1e-6  # transformers' MiniCPMV4_6DownsampleMLP LayerNorm; llama.cpp runs the file's eps everywhere
 SCALE_RESOLUTION = 448  # MiniCPMV4_6ImageProcessorPil's default slice size
-ACTIVATIONS = {**{a: {"use_gelu": True} for a in GELU_ACTS}, "silu": {"use_silu": True}, "quick_gelu": {}}
 VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                        image_size=224, patch_size=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
                        window_kernel_size=[2, 2])  # MiniCPMV4_6VisionConfig

@@ -34,7 +34,7 @@ import numpy as np
 from ggraft.mmproj.converter import Converter, VisionParams, in_memory, preprocessing, register
 from ggraft.mmproj.facts import Convention, RuntimeDefect
 
-from ._image_norms import CLIP_MEAN, CLIP_STD, GELU_ACTS
+from ._image_norms import ACTIVATIONS, CLIP_MEAN, CLIP_STD
 
 T, K, NAMES = gguf.MODEL_TENSOR, gguf.Keys.ClipVision, gguf.TENSOR_NAMES
 TOWER, MLP, FINAL_NORM = "vision_model.radio_model.model.", "mlp1.", "vision_projector.vision_final_layernorm."
@@ -57,7 +57,6 @@ BLOCK_PARTS = {"attention.q_proj": T.V_ENC_ATTN_Q, "attention.k_proj": T.V_ENC_A
                "mlp.up_proj": T.V_ENC_FFN_UP, "mlp.down_proj": T.V_ENC_FFN_DOWN}
 BLOCK = re.compile(re.escape(TOWER) + r"blocks\.(?P<bid>\d+)\.(?P<part>.+?)(?:\.(?P<kind>weight|bias))?")
 QKV = re.compile(NAMES[T.V_ENC_ATTN_QKV].replace(".", r"\.").format(bid=r"(?P<bid>\d+)") + r"\.(?P<kind>\w+)")
-ACTIVATIONS = {**{a: {"use_gelu": True} for a in GELU_ACTS}, "silu": {"use_silu": True}, "quick_gelu": {}}
 #: RadioConfig's and the image processor's defaults
 DEFAULTS = dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16, mlp_ratio=4.0, hidden_act="gelu",
                 layer_norm_eps=1e-6, use_swiglu_ffn=False, patch_size=16, num_cls_tokens=3, num_registers=7)

@@ -28,7 +28,7 @@ import re
 import gguf
 
 from ggraft.mmproj.converter import VisionParams, preprocessing, register
-from ._image_norms import CLIP_MEAN, CLIP_STD, GELU_ACTS
+from ._image_norms import ACTIVATIONS, CLIP_MEAN, CLIP_STD
 from .qwen2vl import LLAMA_MERGE, LLAMA_ROPE_THETA, PATCH, VISION_EPS, Qwen2VL
 
 T = gguf.MODEL_TENSOR
@@ -40,7 +40,6 @@ MERGER_TENSORS = {"norm": gguf.TENSOR_NAMES[T.V_POST_NORM],
                   "linear_fc1": gguf.TENSOR_NAMES[T.V_MMPROJ].format(bid=0),
                   "linear_fc2": gguf.TENSOR_NAMES[T.V_MMPROJ].format(bid=2)}
 #: what llama.cpp's graph computes for transformers' vision hidden_act (clip.cpp: use_gelu / use_silu)
-ACTIVATIONS = {**{act: {"use_gelu": True} for act in GELU_ACTS}, "silu": {"use_silu": True}, "quick_gelu": {}}
 #: transformers' Qwen3VLVisionConfig defaults
 DEFAULTS = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16,
                 out_hidden_size=3584, num_position_embeddings=2304, hidden_act="gelu_pytorch_tanh")

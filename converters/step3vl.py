@@ -36,7 +36,7 @@ from ggraft.errors import UnsupportedModelError
 from ggraft.mmproj.converter import Converter, VisionParams, preprocessing, register
 from ggraft.mmproj.facts import Convention, RuntimeDefect
 
-from ._image_norms import CLIP_MEAN, CLIP_STD, GELU_ACTS
+from ._image_norms import ACTIVATIONS, CLIP_MEAN, CLIP_STD
 
 T, K = gguf.MODEL_TENSOR, gguf.Keys.ClipVision
 HUB, MODULES = "vision_model.", "model.vision_model."
@@ -44,7 +44,6 @@ LLAMA_TILE = 504  # tools/mtmd/mtmd-image.h:228 default_image_crop_size (the pro
 LLAMA_DOWNSAMPLE = 4  # two stride-2 convolutions (clip.cpp: n_merge = 4)
 LLAMA_ROPE_THETA = 10000.0  # clip.cpp load_hparams, PROJECTOR_TYPE_STEP3VL
 MAX_IMAGE_SIZE = 3024  # Step3p7ImageProcessor.max_image_size
-ACTIVATIONS = {**{a: {"use_gelu": True} for a in GELU_ACTS}, "silu": {"use_silu": True}, "quick_gelu": {}}
 
 
 def tn(tensor: gguf.MODEL_TENSOR, suffix: str = ".weight", bid: int | str | None = None) -> str:
