@@ -275,3 +275,14 @@ def test_template_without_image_slot_is_refused(hf_dir, tmp_path):
 def test_bad_fraction(hf_dir):
     with pytest.raises(InputError):
         probe_job.probe(hf_dir, IMAGE, fraction=1.5)
+
+
+def test_anyres_checkpoint_without_its_image_processor_is_one_line(tmp_path):
+    """LLaVA-NeXT lays its tiles out with the checkpoint's own image processor: without one, one line."""
+    from fixtures import llava_next
+
+    folder = family_copy(tmp_path, "next", llava_next.build() / "hf", None, "<image>")
+    (folder / "preprocessor_config.json").unlink()
+    r = run_cli("probe", folder, "--image", IMAGE)
+    assert r.code == 2 and r.stdout == "" and "image processor" in r.stderr and "bug" not in r.stderr, r.stderr
+    assert [ln for ln in r.stderr.splitlines() if ln.startswith("Error:")] and "Traceback" not in r.stderr

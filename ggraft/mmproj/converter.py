@@ -180,7 +180,12 @@ class Converter:
         p = self.params()
         mean, std = (np.asarray(x, np.float32)[:, None, None] for x in (p.image_mean, p.image_std))
         rgb = np.clip(np.rint((pixel_values[0].numpy() * std + mean) * 255), 0, 255).astype(np.uint8)
-        processor = AutoImageProcessor.from_pretrained(self.ckpt.path)
+        try:
+            processor = AutoImageProcessor.from_pretrained(self.ckpt.path)
+        except (OSError, ValueError, KeyError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise InputError(f"{self.ckpt.path}: transformers cannot load its image processor ({first})",
+                             hint="the anyres layout comes from the checkpoint's preprocessor_config.json") from None
         return dict(processor(images=Image.fromarray(rgb.transpose(1, 2, 0)), return_tensors="pt"))
 
     def reference_features(self, model: Any, pixel_values: Any) -> Any:
